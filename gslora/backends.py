@@ -1,0 +1,222 @@
+"""Backend registry: which implementation of the gslora ops runs for given inputs.
+
+A backend is an object with a ``name``, an ``unavailable_reason()`` (None when it can run on
+this machine at all) and a ``reject_reason(device)`` (None when it serves tensors on that
+device), plus the five ops of :mod:`gslora.reference` with the same signatures:
+``lora_linear_fwd``, ``lora_linear_bwd``, ``group_sq_norms``, ``group_scale``, ``group_prox_``.
+
+Selection: an explicit ``backend=`` argument, else the ``GSLORA_BACKEND`` environment variable,
+else the first backend of the device's preference list that accepts the inputs. An explicit
+request that cannot be served raises :class:`BackendError` listing every reason.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol
+
+import torch
+
+from . import reference
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "register_backend",
+    "get_backend",
+    "backend_names",
+    "select_backend",
+    "describe_backends",
+]
+
+# Fastest first. The reference ``torch`` backend always works and closes every list.
+PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpu", "torch"),
+    "cuda": ("triton", "cuda", "torch"),
+}
+
+
+class BackendError(RuntimeError):
+    """A requested backend cannot serve the inputs; the message lists why."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def unavailable_reason(self) -> str | None: ...
+
+    def reject_reason(self, device: torch.device) -> str | None: ...
+
+
+_REGISTRY: dict[str, Any] = {}
+
+
+def register_backend(backend: Any) -> None:
+    """Add (or replace) a backend under ``backend.name``."""
+    _REGISTRY[backend.name] = backend
+
+
+def backend_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_backend(name: str) -> Any:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise BackendError(
+            f"unknown backend {name!r}; known backends: {', '.join(_REGISTRY)}"
+        ) from None
+
+
+def _why_not(backend: Any, device: torch.device) -> str | None:
+    return backend.unavailable_reason() or backend.reject_reason(device)
+
+
+def select_backend(device: torch.device | str, requested: str | None = None) -> Any:
+    """The backend that will run ops on tensors of ``device``.
+
+    ``requested`` (or ``$GSLORA_BACKEND`` when it is None) names one backend; ``"auto"`` or
+    empty means the device's preference list.
+    """
+    device = torch.device(device)
+    name = requested if requested is not None else os.environ.get("GSLORA_BACKEND", "")
+    if name and name != "auto":
+        backend = get_backend(name)
+        reason = _why_not(backend, device)
+        if reason is not None:
+            source = "backend=" if requested is not None else "GSLORA_BACKEND="
+            raise BackendError(
+                f"{source}{name!r} cannot run on {device}: {reason}. "
+                f"Available here: {describe_backends(device, only_available=True)}"
+            )
+        return backend
+    for candidate in PREFERENCE.get(device.type, ("torch",)):
+        backend = _REGISTRY.get(candidate)
+        if backend is not None and _why_not(backend, device) is None:
+            return backend
+    return _REGISTRY["torch"]
+
+
+def describe_backends(device: torch.device | str | None = None, only_available: bool = False) -> str:
+    """One line per backend: 'name: available' or 'name: unavailable (reason)'."""
+    lines = []
+    for name, backend in _REGISTRY.items():
+        reason = backend.unavailable_reason()
+        if reason is None and device is not None:
+            reason = backend.reject_reason(torch.device(device))
+        if only_available:
+            if reason is None:
+                lines.append(name)
+            continue
+        lines.append(f"{name}: " + ("available" if reason is None else f"unavailable ({reason})"))
+    return ", ".join(lines) if only_available else "\n".join(lines)
+
+
+class TorchBackend:
+    """The specification itself (:mod:`gslora.reference`): any device, any dtype, slow."""
+
+    name = "torch"
+    lora_linear_fwd = staticmethod(reference.lora_linear_fwd)
+    lora_linear_bwd = staticmethod(reference.lora_linear_bwd)
+    group_sq_norms = staticmethod(reference.group_sq_norms)
+    group_scale = staticmethod(reference.group_scale)
+    group_prox_ = staticmethod(reference.group_prox_)
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def reject_reason(self, device: torch.device) -> str | None:
+        return None
+
+
+class ExtensionBackend:
+    """The compiled ops ``torch.ops.gslora.*`` of ``gslora._C`` for one device type."""
+
+    def __init__(self, name: str, device_type: str, dispatch_key: str) -> None:
+        self.name = name
+        self.device_type = device_type
+        self.dispatch_key = dispatch_key
+
+    def unavailable_reason(self) -> str | None:
+        from . import _ext
+
+        error = _ext.load_error()
+        if error is not None:
+            return error
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "gslora::lora_linear_fwd", self.dispatch_key
+        ):
+            return f"gslora._C was built without {self.dispatch_key} kernels"
+        if self.device_type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+
+    def reject_reason(self, device: torch.device) -> str | None:
+        if device.type != self.device_type:
+            return f"serves {self.device_type} tensors only, got {device.type}"
+        return None
+
+    def lora_linear_fwd(self, x, weight, bias, lora_A, lora_B, scaling, mask=None, keep_scale=1.0):
+        return torch.ops.gslora.lora_linear_fwd(
+            x, weight, bias, lora_A, lora_B, float(scaling), mask, float(keep_scale)
+        )
+
+    def lora_linear_bwd(
+        self, grad_out, x, weight, lora_A, lora_B, xa, scaling, mask=None, keep_scale=1.0,
+        compute_dx=True,
+    ):
+        dx, dA, dB = torch.ops.gslora.lora_linear_bwd(
+            grad_out, x, weight, lora_A, lora_B, xa, float(scaling), mask, float(keep_scale),
+            bool(compute_dx),
+        )
+        return (dx if compute_dx else None), dA, dB
+
+    def group_sq_norms(self, tensors, group_ids, num_groups):
+        return torch.ops.gslora.group_sq_norms(list(tensors), list(group_ids), int(num_groups))
+
+    def group_scale(self, tensors, group_ids, coeffs):
+        return torch.ops.gslora.group_scale(list(tensors), list(group_ids), coeffs)
+
+    def group_prox_(self, tensors, group_ids, num_groups, thresholds):
+        return torch.ops.gslora.group_prox_(
+            list(tensors), list(group_ids), int(num_groups), thresholds
+        )
+
+
+class TritonBackend:
+    """Triton kernels of :mod:`gslora.kernels`; on the CPU only under ``TRITON_INTERPRET=1``."""
+
+    name = "triton"
+
+    def _kernels(self):
+        from . import kernels
+
+        return kernels
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            return f"triton is not installed ({exc})"
+        return self._kernels().unavailable_reason()
+
+    def reject_reason(self, device: torch.device) -> str | None:
+        interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+        if interpreting and device.type != "cpu":
+            return "TRITON_INTERPRET=1 runs on CPU tensors only"
+        if not interpreting and device.type != "cuda":
+            return f"needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device.type}"
+        return None
+
+    def __getattr__(self, op: str):
+        if op in ("lora_linear_fwd", "lora_linear_bwd", "group_sq_norms", "group_scale",
+                  "group_prox_"):
+            return getattr(self._kernels(), op)
+        raise AttributeError(op)
+
+
+register_backend(TorchBackend())
+register_backend(ExtensionBackend("cpu", "cpu", "CPU"))
+register_backend(ExtensionBackend("cuda", "cuda", "CUDA"))
+register_backend(TritonBackend())

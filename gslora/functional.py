@@ -1,0 +1,237 @@
+"""Autograd functions and the functional API over the backend ops.
+
+The autograd functions only validate, reshape, save tensors and call the chosen backend; the
+math lives in :mod:`gslora.reference` (and the kernels that reproduce it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .backends import select_backend
+
+__all__ = [
+    "LoRALinearFunction",
+    "GroupLassoPenaltyFunction",
+    "lora_linear",
+    "group_sq_norms",
+    "group_norms",
+    "group_lasso_penalty",
+    "group_prox_",
+    "check_lora_args",
+]
+
+
+def check_lora_args(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor
+) -> None:
+    """Raise ValueError naming the argument if shapes, dtypes or devices do not fit."""
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x must have shape [..., {k}] (in_features), got {tuple(x.shape)}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != k:
+        raise ValueError(f"lora_A must have shape [r, {k}], got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"LoRA rank r must be >= 1, got lora_A of shape {tuple(lora_A.shape)}")
+    if lora_B.shape != (n, r):
+        raise ValueError(f"lora_B must have shape [{n}, {r}], got {tuple(lora_B.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
+    tensors = {"weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        tensors["bias"] = bias
+    for name, t in tensors.items():
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}")
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """y = x Wᵀ + b + s·(d(x) Aᵀ) Bᵀ on 2-D x [M, K].
+
+    Gradients (g = ∂L/∂y, u = g B, d = dropout with the forward's mask):
+        ∂L/∂B = s · gᵀ (d(x) Aᵀ)        (d(x) Aᵀ = xa is saved by the forward, [M, r])
+        ∂L/∂A = s · uᵀ d(x)
+        ∂L/∂x = g W + s · d(u A)
+        ∂L/∂W = gᵀ x,  ∂L/∂b = Σ_rows g   (only if the frozen base was unfrozen by the user)
+    Saved: x, the [M, r] product xa and the dropout mask (bool, 1 byte per element) instead of
+    a second, dropped-out copy of x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale, backend):
+        y, xa = backend.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, mask)
+        ctx.scaling, ctx.keep_scale, ctx.backend = scaling, keep_scale, backend
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, lora_A, lora_B, xa, mask = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        grad_out = grad_out.contiguous()
+        dx, dA, dB = ctx.backend.lora_linear_bwd(
+            grad_out, x, weight, lora_A, lora_B, xa, ctx.scaling, mask, ctx.keep_scale, need_x
+        )
+        dW = grad_out.t().mm(x).to(weight.dtype) if need_w else None
+        db = grad_out.sum(0) if (need_b and ctx.has_bias) else None
+        return (dx, dW, db, dA if need_a else None, dB if need_bb else None,
+                None, None, None, None)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    training: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """y = x Wᵀ + b + scaling·(dropout(x) Aᵀ) Bᵀ for x [..., K] → [..., N].
+
+    W [N, K], b [N] or None, A [r, K], B [N, r]. Under autocast the inputs are cast to the
+    autocast dtype (as ``nn.Linear`` would be). ``backend`` overrides the automatic choice.
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
+        bias = None if bias is None else bias.to(dtype)
+    check_lora_args(x, weight, bias, lora_A, lora_B)
+    impl = select_backend(x.device, backend)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
+    mask, keep_scale = None, 1.0
+    if training and dropout > 0.0:
+        mask = torch.rand(x2d.shape, device=x.device) >= dropout
+        keep_scale = 1.0 / (1.0 - dropout)
+    with torch.autocast(x.device.type, enabled=False):
+        y = LoRALinearFunction.apply(
+            x2d, weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(),
+            float(scaling), mask, keep_scale, impl,
+        )
+    return y.reshape(*lead, weight.shape[0])
+
+
+def _check_group_args(tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int) -> None:
+    if len(tensors) == 0:
+        raise ValueError("tensors must not be empty")
+    if len(group_ids) != len(tensors):
+        raise ValueError(f"group_ids has {len(group_ids)} entries for {len(tensors)} tensors")
+    if num_groups < 1 or any(not 0 <= g < num_groups for g in group_ids):
+        raise ValueError(f"every group id must lie in [0, {num_groups})")
+    device, dtype = tensors[0].device, tensors[0].dtype
+    for i, t in enumerate(tensors):
+        if not t.is_floating_point():
+            raise ValueError(f"tensors[{i}] must be floating point, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"tensors[{i}] is on {t.device}, tensors[0] on {device}")
+        if t.dtype != dtype:
+            raise ValueError(
+                f"tensors[{i}] has dtype {t.dtype}, tensors[0] {dtype}: one dtype per call"
+            )
+
+
+def group_sq_norms(
+    tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int, backend: str | None = None
+) -> Tensor:
+    """Σ‖θ_i‖² per group in one fused pass, [num_groups] in the accumulate dtype (no autograd)."""
+    _check_group_args(tensors, group_ids, num_groups)
+    impl = select_backend(tensors[0].device, backend)
+    return impl.group_sq_norms([t.detach() for t in tensors], list(group_ids), num_groups)
+
+
+def group_norms(
+    tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int, backend: str | None = None
+) -> Tensor:
+    """‖θ_g‖₂ per group, [num_groups] (no autograd)."""
+    return group_sq_norms(tensors, group_ids, num_groups, backend).sqrt()
+
+
+class GroupLassoPenaltyFunction(torch.autograd.Function):
+    """P = Σ_g w_g ‖θ_g‖₂ over all groups, forward and backward each one fused pass.
+
+    ∂P/∂θ_i = w_g θ_i / ‖θ_g‖₂ for θ_i in group g, and 0 where ‖θ_g‖₂ = 0 (the minimal-norm
+    sub-gradient, never NaN). Backward computes c_g = grad · w_g / ‖θ_g‖ on the [G] vector and
+    then every θ_i · c_g in one ``group_scale`` call.
+    """
+
+    @staticmethod
+    def forward(ctx, group_ids, num_groups, weights, backend, *tensors):
+        norms = backend.group_sq_norms(list(tensors), group_ids, num_groups).sqrt()
+        ctx.save_for_backward(norms, weights, *tensors)
+        ctx.group_ids, ctx.backend = group_ids, backend
+        return (norms * weights.to(norms.dtype)).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        norms, weights, *tensors = ctx.saved_tensors
+        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+        coeffs = torch.where(norms > 0, grad.to(norms.dtype) * weights.to(norms.dtype) / safe, 0)
+        grads = ctx.backend.group_scale(tensors, ctx.group_ids, coeffs)
+        return (None, None, None, None, *grads)
+
+
+def group_lasso_penalty(
+    tensors: Sequence[Tensor],
+    group_ids: Sequence[int],
+    num_groups: int,
+    weights: Tensor | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Differentiable Σ_g w_g ‖θ_g‖₂ (scalar, accumulate dtype); w_g = 1 by default."""
+    _check_group_args(tensors, group_ids, num_groups)
+    impl = select_backend(tensors[0].device, backend)
+    acc = reference.accumulate_dtype(tensors[0].dtype)
+    if weights is None:
+        weights = torch.ones(num_groups, dtype=acc, device=tensors[0].device)
+    elif weights.shape != (num_groups,):
+        raise ValueError(f"weights must have shape [{num_groups}], got {tuple(weights.shape)}")
+    return GroupLassoPenaltyFunction.apply(
+        tuple(group_ids), num_groups, weights, impl, *tensors
+    )
+
+
+@torch.no_grad()
+def group_prox_(
+    tensors: Sequence[Tensor],
+    group_ids: Sequence[int],
+    num_groups: int,
+    thresholds: Tensor | float,
+    backend: str | None = None,
+) -> Tensor:
+    """In place θ_g ← θ_g·max(0, 1 − λ_g/‖θ_g‖₂) in one fused pass; returns norms before.
+
+    ``thresholds`` is λ_g = lr·α·w_g, a float (all groups) or a [num_groups] tensor.
+    """
+    _check_group_args(tensors, group_ids, num_groups)
+    acc = reference.accumulate_dtype(tensors[0].dtype)
+    device = tensors[0].device
+    if not isinstance(thresholds, Tensor):
+        if thresholds < 0:
+            raise ValueError(f"thresholds must be >= 0, got {thresholds}")
+        thresholds = torch.full((num_groups,), float(thresholds), dtype=acc, device=device)
+    elif thresholds.shape != (num_groups,):
+        raise ValueError(f"thresholds must have shape [{num_groups}], got {tuple(thresholds.shape)}")
+    impl = select_backend(device, backend)
+    return impl.group_prox_(list(tensors), list(group_ids), num_groups, thresholds.to(device, acc))

@@ -1,0 +1,181 @@
+"""The specification of every gslora kernel, in plain PyTorch.
+
+Every backend (C++ CPU, CUDA, Triton) is tested against these functions, and the ``torch``
+backend calls them directly, so they must stay simple, obviously correct and device-agnostic.
+Low-precision inputs are accumulated in float32 (float64 stays float64).
+
+LoRA linear (W and b frozen, s = lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA)::
+
+    y  = x Wᵀ + b + s · (d(x) Aᵀ) Bᵀ          x [M, K], W [N, K], A [r, K], B [N, r]
+    xa = d(x) Aᵀ                                [M, r], kept from the forward for the backward
+    d(x) = x ⊙ mask · keep_scale  (dropout; identity when mask is None)
+
+Backward, with g = ∂L/∂y [M, N] and u = g B [M, r]::
+
+    dB = s · gᵀ xa                  [N, r]
+    dA = s · uᵀ d(x)                [r, K]
+    dx = g W + s · d'(u A)          [M, K]   where d'(z) = z ⊙ mask · keep_scale
+
+Group sparsity: tensor θ_i belongs to group ``group_ids[i]`` (a list of ints, one per tensor);
+‖θ_g‖₂ is the L2 norm of the concatenation of the group's tensors. Per-group vectors (norms,
+thresholds, coefficients) live on the tensors' device in the accumulate dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "accumulate_dtype",
+    "lora_scaling",
+    "lora_linear",
+    "lora_linear_fwd",
+    "lora_linear_bwd",
+    "group_sq_norms",
+    "group_norms",
+    "group_lasso_penalty",
+    "group_scale",
+    "group_prox_",
+]
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (fp32, bf16, fp16) accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """s = lora_alpha / r (LoRA, the paper's choice) or lora_alpha / sqrt(r) (rsLoRA)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def _dropped(x: Tensor, mask: Tensor | None, keep_scale: float) -> Tensor:
+    return x if mask is None else x * mask.to(x.dtype) * keep_scale
+
+
+def lora_linear_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    mask: Tensor | None = None,
+    keep_scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Forward of the LoRA linear on 2-D x [M, K]. Returns (y [M, N], xa [M, r]) in x.dtype."""
+    acc = accumulate_dtype(x.dtype)
+    xf = x.to(acc)
+    xa = _dropped(xf, mask, keep_scale) @ lora_A.to(acc).t()
+    y = xf @ weight.to(acc).t() + scaling * (xa @ lora_B.to(acc).t())
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype), xa.to(x.dtype)
+
+
+def lora_linear_bwd(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    xa: Tensor,
+    scaling: float,
+    mask: Tensor | None = None,
+    keep_scale: float = 1.0,
+    compute_dx: bool = True,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Backward of :func:`lora_linear_fwd` for frozen W, b: returns (dx or None, dA, dB)."""
+    acc = accumulate_dtype(x.dtype)
+    g = grad_out.to(acc)
+    A, B = lora_A.to(acc), lora_B.to(acc)
+    u = g @ B
+    dB = scaling * (g.t() @ xa.to(acc))
+    dA = scaling * (u.t() @ _dropped(x.to(acc), mask, keep_scale))
+    dx = None
+    if compute_dx:
+        dx = (g @ weight.to(acc) + _dropped(scaling * (u @ A), mask, keep_scale)).to(x.dtype)
+    return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+) -> Tensor:
+    """Differentiable reference forward (plain autograd) on x [..., K] → [..., N]."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y + scaling * torch.nn.functional.linear(torch.nn.functional.linear(x, lora_A), lora_B)
+
+
+def _check_groups(tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int) -> list[int]:
+    ids = [int(i) for i in group_ids]
+    if len(ids) != len(tensors):
+        raise ValueError(f"group_ids has {len(ids)} entries for {len(tensors)} tensors")
+    if any(i < 0 or i >= num_groups for i in ids):
+        raise ValueError(f"group_ids must lie in [0, {num_groups}), got {ids}")
+    return ids
+
+
+def group_sq_norms(tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int) -> Tensor:
+    """Σ_{i in g} ‖θ_i‖² per group, shape [num_groups], in the accumulate dtype."""
+    ids = _check_groups(tensors, group_ids, num_groups)
+    acc = accumulate_dtype(tensors[0].dtype) if tensors else torch.float32
+    device = tensors[0].device if tensors else None
+    out = torch.zeros(num_groups, dtype=acc, device=device)
+    for t, g in zip(tensors, ids):
+        out[g] += t.detach().to(acc).pow(2).sum()
+    return out
+
+
+def group_norms(tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int) -> Tensor:
+    """‖θ_g‖₂ per group, shape [num_groups]."""
+    return group_sq_norms(tensors, group_ids, num_groups).sqrt()
+
+
+def group_lasso_penalty(
+    tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int, weights: Tensor | None = None
+) -> Tensor:
+    """Σ_g w_g ‖θ_g‖₂, differentiable by plain autograd (sub-gradient 0 at θ_g = 0)."""
+    ids = _check_groups(tensors, group_ids, num_groups)
+    acc = accumulate_dtype(tensors[0].dtype)
+    total = torch.zeros((), dtype=acc, device=tensors[0].device)
+    for g in range(num_groups):
+        members = [t.to(acc).pow(2).sum() for t, i in zip(tensors, ids) if i == g]
+        sq = torch.stack(members).sum()
+        # where(sq > 0, sqrt, 0) with a safe argument keeps the gradient at 0 finite (0, not NaN).
+        safe = torch.where(sq > 0, sq, torch.ones_like(sq))
+        norm = torch.where(sq > 0, safe.sqrt(), torch.zeros_like(sq))
+        total = total + (1.0 if weights is None else weights[g].to(acc)) * norm
+    return total
+
+
+def group_scale(tensors: Sequence[Tensor], group_ids: Sequence[int], coeffs: Tensor) -> list[Tensor]:
+    """Out-of-place θ_i · c_{g(i)}: the penalty's backward with c_g = grad · w_g / ‖θ_g‖."""
+    ids = _check_groups(tensors, group_ids, coeffs.numel())
+    return [(t.to(coeffs.dtype) * coeffs[g]).to(t.dtype) for t, g in zip(tensors, ids)]
+
+
+def group_prox_(
+    tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int, thresholds: Tensor
+) -> Tensor:
+    """In-place block soft-thresholding θ_g ← θ_g · max(0, 1 − λ_g / ‖θ_g‖₂).
+
+    ``thresholds`` [num_groups] holds λ_g = lr · α · w_g. Groups whose norm is ≤ λ_g become exact
+    zeros. Returns the norms *before* the step, [num_groups] in the accumulate dtype.
+    """
+    norms = group_norms(tensors, group_ids, num_groups)
+    lam = thresholds.to(norms.dtype)
+    factor = torch.where(norms > lam, 1 - lam / torch.where(norms > 0, norms, 1), 0)
+    ids = _check_groups(tensors, group_ids, num_groups)
+    with torch.no_grad():
+        for t, g in zip(tensors, ids):
+            t.copy_((t.to(norms.dtype) * factor[g]).to(t.dtype))
+    return norms
