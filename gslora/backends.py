@@ -199,7 +199,10 @@ class TritonBackend:
             import triton  # noqa: F401
         except ImportError as exc:  # pragma: no cover - depends on the install
             return f"triton is not installed ({exc})"
-        return self._kernels().unavailable_reason()
+        try:
+            return self._kernels().unavailable_reason()
+        except Exception as exc:  # noqa: BLE001 - a broken kernel module must not break dispatch
+            return f"gslora.kernels failed to load ({type(exc).__name__}: {exc})"
 
     def reject_reason(self, device: torch.device) -> str | None:
         interpreting = os.environ.get("TRITON_INTERPRET") == "1"
