@@ -526,6 +526,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--target-time", type=float, default=1.0,
                    help="seconds of timed work per provider and case (sets the rounds)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's choice, all usable cores)")
     return p
 
 
@@ -573,6 +575,10 @@ class BenchRun:
         self.bench = bench
         self.args = args
         self.device = resolve_device(args.device)
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         self.dtype = dtype
         self.run_id = args.run_id or _dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         self.out = args.out if args.out is not None else RESULTS_DIR / f"{bench}.jsonl"
