@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .lora import INTERPRET
+from .lora import INTERPRET, store_rounded
 
 NORM_BLOCK = 1024 if not INTERPRET else 4096
 SCALE_BLOCK = 1024 if not INTERPRET else 4096
@@ -57,7 +57,7 @@ def _group_sq_norms_kernel(base_ptr, offs_ptr, lens_ptr, starts_ptr, out_ptr,
 
 @triton.jit
 def _group_prox_kernel(base_ptr, offs_ptr, lens_ptr, starts_ptr, thr_ptr, norms_ptr,
-                       ACC_DT: tl.constexpr, BLOCK: tl.constexpr):
+                       ACC_DT: tl.constexpr, EMULATE_RNE: tl.constexpr, BLOCK: tl.constexpr):
     """θ_g ← θ_g · max(0, 1 − λ_g/‖θ_g‖) in place; norms[g] = ‖θ_g‖ before the step."""
     g = tl.program_id(0)
     c0 = tl.load(starts_ptr + g)
@@ -83,12 +83,12 @@ def _group_prox_kernel(base_ptr, offs_ptr, lens_ptr, starts_ptr, thr_ptr, norms_
             idx = i + tl.arange(0, BLOCK)
             ptrs = base_ptr + off + idx
             v = tl.load(ptrs, mask=idx < n, other=0.0)
-            tl.store(ptrs, (v.to(ACC_DT) * factor).to(v.dtype), mask=idx < n)
+            store_rounded(ptrs, v.to(ACC_DT) * factor, idx < n, EMULATE_RNE)
 
 
 @triton.jit
 def _group_scale_kernel(in_ptr, out_ptr, in_offs_ptr, out_offs_ptr, lens_ptr, gids_ptr,
-                        coeffs_ptr, BLOCK: tl.constexpr):
+                        coeffs_ptr, EMULATE_RNE: tl.constexpr, BLOCK: tl.constexpr):
     """out[row] = in[row] · coeffs[gid[row]] for one table row (a chunk of one tensor)."""
     row = tl.program_id(0)
     in_off = tl.load(in_offs_ptr + row)
@@ -98,8 +98,12 @@ def _group_scale_kernel(in_ptr, out_ptr, in_offs_ptr, out_offs_ptr, lens_ptr, gi
     for i in range(0, n, BLOCK):
         idx = i + tl.arange(0, BLOCK)
         v = tl.load(in_ptr + in_off + idx, mask=idx < n, other=0.0)
-        tl.store(out_ptr + out_off + idx, (v.to(c.dtype) * c).to(out_ptr.dtype.element_ty),
-                 mask=idx < n)
+        store_rounded(out_ptr + out_off + idx, v.to(c.dtype) * c, idx < n, EMULATE_RNE)
+
+
+def _emulate_rne(dtype: torch.dtype) -> bool:
+    # The interpreter truncates fp32 → bf16; the GPU rounds to nearest even (see lora.to_bf16_rne).
+    return INTERPRET and dtype == torch.bfloat16
 
 
 def _acc_tl(dtype: torch.dtype):
@@ -168,7 +172,7 @@ def group_prox_impl(tensors: Sequence[Tensor], ids: list[int], num_groups: int,
     with torch.no_grad():
         _group_prox_kernel[(num_groups,)](
             base, offs, lens, starts, thr, norms, ACC_DT=_acc_tl(work[0].dtype),
-            BLOCK=NORM_BLOCK, num_warps=GROUP_NUM_WARPS,
+            EMULATE_RNE=_emulate_rne(work[0].dtype), BLOCK=NORM_BLOCK, num_warps=GROUP_NUM_WARPS,
         )
         for t, w in zip(tensors, work, strict=True):
             if w is not t:
@@ -205,7 +209,8 @@ def group_scale_impl(tensors: Sequence[Tensor], ids: list[int], coeffs: Tensor,
         packed = packed.to(in_base.device, non_blocking=True)
         _group_scale_kernel[(n,)](
             in_base, out_base, packed[:n], packed[n:2 * n], packed[2 * n:3 * n],
-            packed[3 * n:], coeffs, BLOCK=SCALE_BLOCK, num_warps=GROUP_NUM_WARPS,
+            packed[3 * n:], coeffs, EMULATE_RNE=_emulate_rne(in_base.dtype), BLOCK=SCALE_BLOCK,
+            num_warps=GROUP_NUM_WARPS,
         )
     if out is not None:
         with torch.no_grad():

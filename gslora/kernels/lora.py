@@ -56,22 +56,18 @@ def _cfg(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
 
 GEMM_CONFIGS = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
 ]
 PROJ_CONFIGS = [
     _cfg(4, 4, BLOCK_M=64, BLOCK_K=128),
     _cfg(4, 3, BLOCK_M=128, BLOCK_K=64),
-    _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
     _cfg(4, 4, BLOCK_M=32, BLOCK_K=128),
 ]
 WGRAD_CONFIGS = [
     _cfg(4, 3, BLOCK_M=64, BLOCK_C=128),
     _cfg(4, 4, BLOCK_M=32, BLOCK_C=128),
-    _cfg(8, 3, BLOCK_M=64, BLOCK_C=256),
     _cfg(4, 4, BLOCK_M=64, BLOCK_C=64),
 ]
 INTERPRET_GEMM = _cfg(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
@@ -85,7 +81,11 @@ INTERPRET_WGRAD = _cfg(4, 1, BLOCK_M=64, BLOCK_C=64)
 
 @triton.jit
 def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """acc + a·b with fp32 accumulation (UPCAST: interpreter bf16 workaround; IEEE: fp32 inputs)."""
+    """acc + a·b with fp32 accumulation.
+
+    UPCAST (set only when interpreting bf16): the interpreter's bf16 tl.dot is wrong, so the
+    operands are widened to fp32 there. IEEE (fp32 inputs): exact fp32 products, no TF32.
+    """
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -94,6 +94,27 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc)
     return acc
+
+
+@triton.jit
+def to_bf16_rne(x):
+    """fp32 → bf16 rounded to nearest even, by integer arithmetic.
+
+    The GPU's native conversion already rounds to nearest even; Triton's interpreter truncates
+    (measured with triton 3.8), so the kernels call this only when interpreting bf16.
+    """
+    u = x.to(tl.uint32, bitcast=True)
+    u = u + (((u >> 16) & 1) + 0x7FFF)
+    return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def store_rounded(ptrs, val, mask, EMULATE_RNE: tl.constexpr):
+    """tl.store with the cast to the pointer's dtype (bf16 rounding emulated under the interpreter)."""
+    if EMULATE_RNE:
+        tl.store(ptrs, to_bf16_rne(val.to(tl.float32)), mask=mask)
+    else:
+        tl.store(ptrs, val.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -175,13 +196,31 @@ def _lora_gemm_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    out_ok = (rm[:, None] < M) & (rn[None, :] < N)
     # Wrapped row/column indices keep the K loop free of M/N masks (out-of-range rows and
     # columns compute duplicates that the final store drops).
     rm_in = (rm % M).to(tl.int64)
     rn_in = (rn % N).to(tl.int64)
+
+    # Rank-r term first, as a prologue: s·d'(P·V) initialises the accumulator that the K loop
+    # then adds x·W' into. Doing it before the loop (not as an epilogue) keeps a single
+    # [BLOCK_M, BLOCK_N] fp32 accumulator live: a separate one for the masked rank-r term
+    # spilled the 128x256 tiles (255 registers + stack, seen in the AOT compile).
+    rr = tl.arange(0, R_PAD)
+    p = tl.load(p_ptr + rm_in[:, None] * R_PAD + rr[None, :])
+    v = tl.load(v_ptr + rr[:, None] * stride_vr + rn_in[None, :] * stride_vn,
+                mask=rr[:, None] < R, other=0.0)
+    acc = _mma_fp32_lhs(p, v, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), SPLIT_P, UPCAST, IEEE)
+    acc = acc * scaling
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + rm64[:, None] * stride_mm + rn64[None, :] * stride_mn,
+                       mask=out_ok, other=0)
+        acc = tl.where(keep != 0, acc * keep_scale, 0.0)
+
     x_ptrs = x_ptr + rm_in[:, None] * stride_xm + rk[None, :] * stride_xk
     w_ptrs = w_ptr + rk[:, None] * stride_wk + rn_in[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_left = K - k0
         x = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
@@ -190,27 +229,12 @@ def _lora_gemm_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # Rank-r epilogue: a [BLOCK_M, R_PAD] x [R_PAD, BLOCK_N] product from the fp32 P rows.
-    rr = tl.arange(0, R_PAD)
-    p = tl.load(p_ptr + rm_in[:, None] * R_PAD + rr[None, :])
-    v = tl.load(v_ptr + rr[:, None] * stride_vr + rn_in[None, :] * stride_vn,
-                mask=rr[:, None] < R, other=0.0)
-    low = _mma_fp32_lhs(p, v, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), SPLIT_P, UPCAST, IEEE)
-    low = low * scaling
-
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
-    out_ok = (rm[:, None] < M) & (rn[None, :] < N)
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + rm64[:, None] * stride_mm + rn64[None, :] * stride_mn,
-                       mask=out_ok, other=0)
-        low = tl.where(keep != 0, low * keep_scale, 0.0)
-    acc += low
     if HAS_BIAS:
         b = tl.load(bias_ptr + rn_in).to(tl.float32)
         acc += b[None, :]
-    tl.store(out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+    # UPCAST is set exactly when interpreting bf16: then emulate the GPU's rounding as well.
+    store_rounded(out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on, acc, out_ok,
+                  UPCAST)
 
 
 @triton.jit
@@ -384,9 +408,11 @@ def lora_linear_fwd_impl(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A:
     p = lora_proj(x, (lora_A, lora_A.stride(0), lora_A.stride(1)), r, mask, keep_scale)
     y = lora_gemm(
         x, (weight, weight.stride(1), weight.stride(0)), n, p,
-        (lora_B, lora_B.stride(1), lora_B.stride(0)), r, bias, None, scaling, 1.0,
+        (lora_B, lora_B.stride(1), lora_B.stride(0)), r,
+        None if bias is None else bias.contiguous(), None, scaling, 1.0,
     )
-    return y, p[:, :r].to(x.dtype)
+    # A fresh contiguous [M, r] tensor (for fp32, .to() alone would return a strided view of p).
+    return y, p[:, :r].to(x.dtype).contiguous()
 
 
 def lora_linear_bwd_impl(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor,
