@@ -277,6 +277,7 @@ class GroupSparsity:
         # One dtype and whole tensors: norms + shrink in the single fused group_prox_ pass.
         self._fused = len(self._buckets) == 1 and self.process_group is None
         self._layout = (device, self.params[0].dtype)
+        self._ids_tuple = tuple(self.group_ids)  # hashable, as the autograd Function keeps it
         self._weights = None
 
     def _check_layout(self) -> None:
@@ -365,7 +366,7 @@ class GroupSparsity:
         self._check_layout()
         if self._fused:
             return GroupLassoPenaltyFunction.apply(
-                tuple(self.group_ids), self.num_groups, self.weights, self._impl, *self.params
+                self._ids_tuple, self.num_groups, self.weights, self._impl, *self.params
             )
         return _MultiBucketPenaltyFunction.apply(self, self.weights, *self.params)
 
