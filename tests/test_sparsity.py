@@ -726,3 +726,22 @@ def test_distributed_two_ranks_sum_partial_norms():
     assert not any(t.is_alive() for t in threads), "a rank hung in a collective"
     for rank, exc in sorted(errors.items()):
         raise AssertionError(f"rank {rank} failed: {exc!r}") from exc
+
+
+def test_prox_optimizer_under_grad_scaler_skips_prox_with_the_step():
+    p = nn.Parameter(torch.randn(6))
+    gs = GroupSparsity({"p": [p]})
+    opt = ProxOptimizer(torch.optim.SGD([p], lr=0.1), gs, alpha=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    scaler.scale((p**2).sum()).backward()
+    expected = p.detach() - 0.1 * 2 * p.detach()
+    scaler.step(opt)
+    scaler.update()
+    n = expected.norm()
+    torch.testing.assert_close(p.detach(), expected * (1 - 0.1 / n))  # unscaled step, then prox
+    assert opt.schedule.num_steps == 1
+    before = p.detach().clone()
+    opt.zero_grad()
+    scaler.scale(p.sum() * float("inf")).backward()  # overflow: the whole step is skipped
+    scaler.step(opt)
+    assert torch.equal(p.detach(), before) and opt.schedule.num_steps == 1
