@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         raise SystemExit("--m and --r expect comma-separated integers") from None
     names = select_providers(args.providers, PROVIDERS)
     dtype = require_float_dtype(args.dtype)
-    run = BenchRun(BENCH, args, dtype=dtype, argv=argv, heavy_modules=True)
+    run = BenchRun(BENCH, args, dtype=dtype, argv=argv)
     dev = run.device
 
     for width in widths:

@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     ranks = _ints(args.r, "--r") if args.r else grid["r"]
     names = select_providers(args.providers, PROVIDERS)
     dtype = require_float_dtype(args.dtype)
-    run = BenchRun(BENCH, args, dtype=dtype, argv=argv, heavy_modules=True)
+    run = BenchRun(BENCH, args, dtype=dtype, argv=argv)
     dev = run.device
 
     for K, N in kns:

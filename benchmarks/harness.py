@@ -343,19 +343,18 @@ def _git_commit() -> str | None:
     return (sha + ("-dirty" if dirty else "")) if sha else None
 
 
-def _version(module: str) -> str | None:
+def _version(dist: str) -> str | None:
+    """The installed version of a distribution, without importing it (peft, timm take seconds)."""
+    from importlib import metadata
+
     try:
-        mod = __import__(module)
-    except Exception:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
         return None
-    return getattr(mod, "__version__", "unknown")
 
 
-def machine_info(device: torch.device | str = "cpu", heavy_modules: bool = False) -> dict[str, Any]:
-    """Machine, library versions and gslora backends, for the JSON lines and the report.
-
-    ``heavy_modules`` also imports peft and timm (seconds) to record their versions.
-    """
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Machine, library versions and gslora backends, for the JSON lines and the report."""
     device = torch.device(device)
     info: dict[str, Any] = {
         "python": platform.python_version(),
@@ -373,10 +372,9 @@ def machine_info(device: torch.device | str = "cpu", heavy_modules: bool = False
         "git": _git_commit(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "peft": _version("peft"),
+        "timm": _version("timm"),
     }
-    if heavy_modules:
-        info["peft"] = _version("peft")
-        info["timm"] = _version("timm")
     try:
         import gslora
         from gslora.backends import describe_backends, select_backend
@@ -571,7 +569,7 @@ class BenchRun:
     WIDTHS = (28, 11, 16, 9, 9, 9, 7, 8, 4)
 
     def __init__(self, bench: str, args: argparse.Namespace, dtype: torch.dtype = torch.float32,
-                 argv: Sequence[str] | None = None, heavy_modules: bool = False) -> None:
+                 argv: Sequence[str] | None = None) -> None:
         self.bench = bench
         self.args = args
         self.device = resolve_device(args.device)
@@ -592,7 +590,7 @@ class BenchRun:
             "command": f"python -m benchmarks.{bench_module(bench)} " + " ".join(argv),
             "quick": bool(args.quick),
             "peak_memory_method": PEAK_MEMORY_METHOD[self.device.type],
-            "machine": machine_info(self.device, heavy_modules=heavy_modules),
+            "machine": machine_info(self.device),
         }
         self.records.append(meta)
         print(f"# {bench} on {self.device} ({meta['machine']['cpu'] if self.device.type == 'cpu' else meta['machine']['gpu']}), "

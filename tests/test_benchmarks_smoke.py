@@ -1,0 +1,113 @@
+"""Smoke tests of the benchmark suite: the harness and one tiny bench run end to end.
+
+No timing assertions (a benchmark is not a test); these check that the tooling measures,
+reports failures, writes JSON lines and renders the report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `benchmarks` is a top-level package of the repository
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness, report  # noqa: E402
+from benchmarks.harness import Case, compare  # noqa: E402
+
+MIB = 2**20
+
+
+def _boom(_):
+    raise ValueError("provider exploded on purpose")
+
+
+def test_compare_times_alternating_pair_measures_memory_and_survives_a_failure():
+    x = torch.randn(64)
+    calls: list[str] = []
+
+    def alloc(_):
+        calls.append("alloc")
+        return torch.ones(MIB // 4)  # 1 MiB of float32, alive until the call's result is dropped
+
+    def small(_):
+        calls.append("small")
+        return x + 1
+
+    res = compare({"alloc": Case(alloc), "small": Case(small), "broken": Case(_boom)}, "cpu",
+                  warmup=1, min_reps=4, max_reps=4, target_s=1e-6, min_sample_s=0.0, verbose=False)
+    assert list(res) == ["alloc", "small", "broken"]
+    for name in ("alloc", "small"):
+        m = res[name]
+        assert m.ok and m.error is None and len(m.times_s) == 4 and m.inner == 1
+        assert 0 < m.p20_s <= m.median_s <= m.p80_s
+        assert m.first_call_s is not None and m.first_call_s > 0
+    # The timed rounds alternate: round i starts with provider i mod 2.
+    timed = calls[2:10]
+    assert timed == ["alloc", "small", "small", "alloc", "alloc", "small", "small", "alloc"]
+    assert MIB <= res["alloc"].peak_bytes < 2 * MIB
+    assert res["small"].peak_bytes < MIB // 8
+    broken = res["broken"]
+    assert not broken.ok and "ValueError: provider exploded on purpose" in broken.error
+    assert broken.record()["median_s"] is None and broken.peak_bytes is None
+
+
+def test_setup_is_not_timed_and_inner_repeats_fast_calls():
+    seen = []
+    res = compare({"p": Case(fn=lambda s: seen.append(s), setup=lambda: "state")}, "cpu",
+                  warmup=1, min_reps=2, max_reps=2, target_s=1e-6, memory=False, verbose=False)
+    assert seen and set(seen) == {"state"} and res["p"].inner == 1  # setup disables inner
+    res = compare({"q": Case(fn=lambda _: None)}, "cpu", warmup=2, min_reps=2, max_reps=2,
+                  target_s=1e-6, min_sample_s=1e-3, memory=False, verbose=False)
+    assert res["q"].inner > 1 and res["q"].peak_bytes is None
+
+
+def test_compare_rejects_bad_settings():
+    with pytest.raises(ValueError, match="warmup"):
+        compare({"a": Case(lambda _: None)}, "cpu", warmup=0)
+    with pytest.raises(ValueError, match="min_reps"):
+        compare({"a": Case(lambda _: None)}, "cpu", min_reps=5, max_reps=2)
+
+
+def test_format_table_aligns_columns():
+    text = harness.format_table(("name", "ms"), [("a", "1.5"), ("longer", "12.25")])
+    lines = text.splitlines()
+    assert len(lines) == 4 and lines[1] == "------  -----"
+    assert lines[2] == "a         1.5" and lines[3] == "longer  12.25"  # numbers right-aligned
+    with pytest.raises(ValueError, match="cells"):
+        harness.format_table(("a", "b"), [("only one",)])
+
+
+def test_bench_lora_linear_tiny_run_writes_records_and_report(tmp_path, capsys):
+    from benchmarks import bench_lora_linear
+
+    out = tmp_path / "lora.jsonl"
+    records = bench_lora_linear.main([
+        "--quick", "--kn", "32x48", "--m", "16", "--r", "4",
+        "--providers", "gslora,reference,peft,plain", "--out", str(out),
+        "--warmup", "1", "--min-reps", "2", "--max-reps", "2", "--target-time", "0.001",
+    ])
+    printed = capsys.readouterr().out
+    assert "M=16 K=32 N=48 r=4" in printed and "fwd+bwd" in printed
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines == json.loads(json.dumps(records))
+    meta, results = lines[0], lines[1:]
+    assert meta["type"] == "meta" and meta["machine"]["torch"] == torch.__version__
+    assert {(r["phase"], r["provider"]) for r in results} == {
+        (ph, pr) for ph in ("fwd", "bwd", "fwd+bwd") for pr in ("gslora", "reference", "peft", "plain")}
+    for r in results:
+        assert r["error"] is None, r
+        assert r["reps"] == 2 and r["median_s"] > 0 and r["peak_bytes"] is not None
+        assert r["baseline"] == "plain"
+    plain = [r for r in results if r["provider"] == "plain"]
+    assert all(r["ratio_vs_baseline"] == pytest.approx(1.0) for r in plain)
+
+    md = report.main([str(out)])
+    assert "## LoRA linear (issue 2) — cpu, float32" in md
+    assert "| M=16 K=32 N=48 r=4 | fwd+bwd | gslora |" in md
+    assert "LoRA linear fwd+bwd ≤ 1.10× the frozen plain Linear" in md
