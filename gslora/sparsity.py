@@ -15,7 +15,8 @@ Mixed dtypes. The fused ops take one dtype per call. Tensors are therefore bucke
 thresholds and coefficients live in the widest accumulate dtype (float64 if any tensor is
 float64, else float32). With a single dtype and no process group, the prox is the single fused
 ``group_prox_`` pass; otherwise it is ``sq_norms → (all-reduce) → one group_scale per bucket →
-torch._foreach_copy_`` with the same formula, so both paths give the same values.
+torch._foreach_copy_`` with the formula of ``reference.group_prox_`` (identical bits on the
+``torch`` backend; on kernel backends the two paths may differ by summation-order rounding).
 
 Distributed training. With ``process_group`` the tensors are taken to be *shards* (e.g. FSDP):
 per-group squared norms are partial sums that are all-reduced (SUM) over the process group
@@ -402,7 +403,7 @@ class GroupSparsity:
             ).to(self.acc_dtype)
         else:
             norms = self._sq_norms_of(self.params).sqrt()
-            # Same formula as reference.group_prox_, so both paths agree bit for bit.
+            # The formula of reference.group_prox_ (identical bits on the torch backend).
             factor = torch.where(norms > lam, 1 - lam / torch.where(norms > 0, norms, 1), 0)
             for bucket in self._buckets:
                 tensors = self._bucket_tensors(self.params, bucket)
