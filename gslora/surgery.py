@@ -8,15 +8,16 @@ one sparsity group per block, everything else frozen. :func:`add_gslora` does th
 * Transformers-style ViT / BERT layouts (``encoder.layer.{i}.intermediate.dense`` /
   ``encoder.layer.{i}.output.dense``),
 * the library's own :class:`gslora.models.ViT` (timm names),
-* ``nn.TransformerEncoderLayer`` / ``DecoderLayer`` and DETR-style layers (``linear1`` / ``linear2``),
+* ``nn.TransformerEncoderLayer`` / ``DecoderLayer`` and DETR-style layers (``linear1`` / ``linear2``,
+  or ``fc1`` / ``fc2`` directly on the layer as in Transformers' older DETR/BART layers),
 * vit-pytorch-style ``FeedForward`` modules (the authors' face model),
 
 and on any other model through an explicit selection (name patterns or a predicate, like PEFT's
 ``target_modules``) with an explicit grouping (``group_by`` = "block" | "module" | "tensor" | a
 callable).
 
-How blocks are found (no per-library tables needed): a *block* is a child of an ``nn.ModuleList``
-or ``nn.Sequential`` whose siblings are structurally the same (same class, same parameter names,
+How blocks are found (no per-library tables needed): a *block* is a child of an ``nn.ModuleList``,
+``nn.Sequential`` or ``nn.ModuleDict`` whose siblings are structurally the same (same class, same parameter names,
 LoRA tensors ignored) and which contains at least one ``nn.Linear``. A layer's block is its
 nearest such ancestor. This finds ``blocks.{i}`` (timm, ours), ``encoder.layers.encoder_layer_{i}``
 (torchvision), ``encoder.layer.{i}`` (Transformers), ``layers.{i}`` (``nn.TransformerEncoder``),
@@ -25,8 +26,8 @@ nearest such ancestor. This finds ``blocks.{i}`` (timm, ours), ``encoder.layers.
 How FFN linears are found (``target="ffn"``): an ``nn.Linear`` inside a block, not inside an
 attention module, and either under a module named ``mlp`` / ``ffn`` / ``feed_forward`` / … or of a
 class named ``*Mlp*`` / ``*FeedForward*`` / ``*FFN*``; or ``intermediate.dense`` and the block's own
-``output.dense`` (Transformers); or ``linear1`` / ``linear2`` of a layer that has both (PyTorch
-and DETR Transformer layers).
+``output.dense`` (Transformers); or ``linear1`` / ``linear2`` (``fc1`` / ``fc2``) of a layer that
+has both (PyTorch, DETR and BART-style Transformer layers).
 
 The configuration is stored on the model as ``model.gslora_config`` (a JSON-serializable dict)
 for :func:`lora_groups`, :func:`merge_gslora` and the adapter files of :mod:`gslora.adapters`.
@@ -140,13 +141,13 @@ def _has_inner_linear(module: nn.Module) -> bool:
 def find_blocks(model: nn.Module) -> list[str]:
     """Names of the repeated Transformer blocks of ``model``, in module order.
 
-    A block is an element of an ``nn.ModuleList`` / ``nn.Sequential`` that contains a linear
+    A block is an element of an ``nn.ModuleList`` / ``nn.Sequential`` / ``nn.ModuleDict`` that contains a linear
     layer and whose structure (class and parameter names) is shared by all its siblings or by
     at least one other sibling. Nested lists (Swin's stages of blocks) give the inner blocks.
     """
     blocks: list[str] = []
     for cname, container in model.named_modules():
-        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+        if not isinstance(container, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
             continue
         kids = list(container.named_children())
         if not kids:
@@ -199,9 +200,11 @@ def _is_ffn(mods: dict[str, nn.Module], name: str, block: str) -> bool:
             return True
         if rel[0] == "output" and hasattr(mods[block], "intermediate"):
             return True
-    # nn.TransformerEncoderLayer / DecoderLayer and DETR's layers: linear1 → act → linear2.
-    if leaf in ("linear1", "linear2") and hasattr(parent, "linear1") and hasattr(parent, "linear2"):
-        return True
+    # nn.TransformerEncoderLayer / DecoderLayer and DETR's layers: linear1 → act → linear2; the
+    # BART-style layers of Transformers < 5 (DETR, Whisper, …): fc1 → act → fc2 on the layer.
+    for pair in (("linear1", "linear2"), ("fc1", "fc2")):
+        if leaf in pair and all(isinstance(getattr(parent, a, None), (nn.Linear, GSLoRALinear)) for a in pair):
+            return True
     return False
 
 
@@ -588,7 +591,8 @@ def gslora_summary(model: nn.Module) -> str:
         f"(group_by={config.get('group_by', 'block')}), r={'/'.join(map(str, ranks))}, "
         f"scaling={'/'.join(f'{s:g}' for s in scalings)}",
         f"  trainable {counts['trainable']:,} of {counts['total']:,} parameters "
-        f"({100 * counts['ratio']:.2f}%); LoRA {counts['lora']:,}",
+        f"({100 * counts['ratio']:.2f}%; {100 * counts['ratio_base']:.2f}% of the base model's "
+        f"{counts['base']:,}); LoRA {counts['lora']:,}",
     ]
     for g, ps in groups.items():
         members = list(dict.fromkeys(by_param[id(p)].rsplit(".", 1)[0] for p in ps))

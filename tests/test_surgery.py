@@ -510,7 +510,9 @@ def test_paper_ratio_for_vit_b16():
 
 
 def test_torch_compile_of_wrapped_timm_vit():
-    model = timm_vit()
+    # One block keeps the compile time small on 2 cores; the wrapped layers are the same.
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                              embed_dim=32, num_heads=2, mlp_ratio=2.0, num_classes=5)
     add_gslora(model, r=4)
     with torch.no_grad():
         for _, m in gslora_modules(model):
@@ -529,3 +531,21 @@ def test_torch_compile_of_wrapped_timm_vit():
     got = [m.lora_A.grad for _, m in gslora_modules(model)] + [m.lora_B.grad for _, m in gslora_modules(model)]
     for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g, r)
+
+
+def test_blocks_in_a_module_dict_and_a_single_block_model():
+    from gslora.models.vit import Block
+
+    stages = nn.ModuleDict({"early": Block(16, 2, 32), "late": Block(16, 2, 32)})
+    assert find_blocks(stages) == ["early", "late"]
+    assert list(add_gslora(stages, r=2)) == ["early", "late"]
+    # fc1 / fc2 directly on the layer (BART-style layers of Transformers < 5).
+    layer = nn.Module()
+    layer.self_attn = nn.MultiheadAttention(16, 2)
+    layer.fc1, layer.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+    bart = nn.Module()
+    bart.layers = nn.ModuleList([layer, copy.deepcopy(layer)])
+    assert find_ffn_linears(bart) == ["layers.0.fc1", "layers.0.fc2", "layers.1.fc1", "layers.1.fc2"]
+    single = nn.Module()
+    single.blocks = nn.ModuleList([Block(16, 2, 32)])  # depth 1: still a block
+    assert list(add_gslora(single, r=2)) == ["blocks.0"]
