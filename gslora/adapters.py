@@ -68,9 +68,24 @@ class AdapterError(ValueError):
 # Shared helpers
 # --------------------------------------------------------------------------------------------
 
-def _require_gslora(model: nn.Module, what: str) -> list[tuple[str, GSLoRALinear]]:
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside (Distributed)DataParallel and torch.compile wrappers.
+
+    Their parameter names carry a ``module.`` / ``_orig_mod.`` prefix; adapters are always
+    written and read with the names of the bare model, so files move between the wrappers.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _require_gslora(model: nn.Module, what: str) -> list[tuple[str, GSLoRALinear]]:
     mods = gslora_modules(model)
     if not mods:
         raise AdapterError(f"{what}: the model holds no GSLoRALinear layer (call add_gslora first)")
@@ -239,6 +254,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
     Detached references to the model's own tensors (no copy).
     """
+    model = _unwrap(model)
     mods = _require_gslora(model, "adapter_state_dict")
     out: dict[str, Tensor] = {}
     for name, m in mods:
@@ -284,6 +300,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     ``path`` is a ``.safetensors`` file, or an existing directory (the file is then
     ``<dir>/gslora_adapter.safetensors``). Tensors keep their dtype. Returns the file path.
     """
+    model = _unwrap(model)
     mods = _require_gslora(model, "save_adapter")
     config = _adapter_config(model, mods)
     path = Path(path)
@@ -345,8 +362,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     lists every problem and the model is unchanged. The copy is exact (bit for bit when the
     dtypes match). Returns ``{"loaded", "missing", "unexpected"}`` names.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    model = _unwrap(model)
     tensors, config = read_adapter(path)
     source = str(path)
     lora, extras = _split_gslora(tensors, config, source)
@@ -404,6 +420,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, include_trainabl
     ``PeftModel.from_pretrained(base_model, directory)``. All layers must share r, lora_alpha,
     dropout and rsLoRA, and none may be merged (PEFT would add the adapter a second time).
     """
+    model = _unwrap(model)
     mods = _require_gslora(model, "export_peft")
     first_name, first = mods[0]
     for name, m in mods:
@@ -492,8 +509,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, group_by: Any = 
     trainable). Then the same checks and exact copy as :func:`load_adapter`. Only plain LoRA on
     linear layers is accepted (no DoRA, LoRA bias, per-layer ranks, embeddings or convolutions).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    model = _unwrap(model)
     directory = Path(directory)
     config = _read_peft_config(directory)
     weights = directory / PEFT_WEIGHTS_FILE

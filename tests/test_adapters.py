@@ -99,6 +99,10 @@ def test_file_holds_only_adapter_tensors_and_the_config(tmp_path):
     assert config["groups"]["blocks.0.mlp.fc1"] == ["blocks.0.mlp.fc1.lora_A", "blocks.0.mlp.fc1.lora_B"]
     assert config["modules"]["blocks.0.mlp.fc2"] == {"r": 4, "in_features": 64, "out_features": 32}
     assert adapter_state_dict(model).keys() == set(keys)
+    # Wrappers (DataParallel, torch.compile) do not leak their name prefixes into the file.
+    for wrapped in (torch.nn.DataParallel(model), torch.compile(model)):
+        with safe_open(str(save_adapter(wrapped, tmp_path / "w.safetensors")), framework="pt") as f:
+            assert sorted(f.keys()) == keys
 
 
 def test_round_trip_in_bfloat16_and_custom_grouping(tmp_path, x):
