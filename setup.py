@@ -57,12 +57,12 @@ def _extensions():
 
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cxx = ["-O3", "-g0", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-g0", "-fopenmp", "-std=c++20"]
     build_cuda, why = _want_cuda()
     print(f"gslora: building CUDA kernels: {build_cuda} ({why})")
     if build_cuda and cuda_sources:
         arch = os.environ.get("GSLORA_CUDA_ARCH", "80;90")
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         for a in arch.split(";"):
             nvcc += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
         ext = CUDAExtension(

@@ -1,0 +1,231 @@
+// CPU kernels of the group-sparsity ops: per-group squared norms, per-group scaling and the
+// in-place proximal step (block soft-thresholding), over a whole list of tensors in one call.
+//
+// One OpenMP task owns one group: it sums the squares of all the group's tensors and, for the
+// prox, scales them right away while they are still in cache. Groups run largest first
+// (dynamic schedule) so that unequal groups balance across threads. Squares are summed in
+// float (double for double) with 16 independent lanes per chunk and the chunk sums added in
+// double, which keeps fp32 sums of millions of elements accurate.
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "checks.h"
+#include "gslora_math.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define GSLORA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define GSLORA_CLONES
+#endif
+
+namespace gslora {
+namespace {
+
+constexpr int kLanes = 16;
+constexpr int64_t kChunk = 4096;  // elements summed in the accumulate type before going to double
+
+template <typename T>
+inline double sum_squares_impl(const T* p, int64_t n) {
+  using A = acc_t<T>;
+  double total = 0.0;
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t c1 = std::min(n, c0 + kChunk);
+    A lane[kLanes] = {};
+    int64_t i = c0;
+    for (; i + kLanes <= c1; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        const A v = static_cast<A>(p[i + j]);
+        lane[j] += v * v;
+      }
+    for (; i < c1; ++i) {
+      const A v = static_cast<A>(p[i]);
+      lane[0] += v * v;
+    }
+    A chunk = A(0);
+    for (int j = 0; j < kLanes; ++j) chunk += lane[j];
+    total += static_cast<double>(chunk);
+  }
+  return total;
+}
+
+// out[i] = in[i] * f, computed in the accumulate type and rounded once; f == 0 writes exact zeros.
+template <typename T>
+inline void scale_impl(const T* in, T* out, int64_t n, acc_t<T> f) {
+  using A = acc_t<T>;
+  if (f == A(0)) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(A(0));
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(static_cast<A>(in[i]) * f);
+}
+
+#define GSLORA_DEFINE_GROUP_KERNELS(T, SUFFIX)                                                    \
+  GSLORA_CLONES double sum_squares_##SUFFIX(const T* p, int64_t n) {                              \
+    return sum_squares_impl<T>(p, n);                                                             \
+  }                                                                                               \
+  GSLORA_CLONES void scale_##SUFFIX(const T* in, T* out, int64_t n, acc_t<T> f) {                 \
+    scale_impl<T>(in, out, n, f);                                                                 \
+  }
+GSLORA_DEFINE_GROUP_KERNELS(float, f32)
+GSLORA_DEFINE_GROUP_KERNELS(double, f64)
+GSLORA_DEFINE_GROUP_KERNELS(c10::BFloat16, bf16)
+GSLORA_DEFINE_GROUP_KERNELS(c10::Half, f16)
+#undef GSLORA_DEFINE_GROUP_KERNELS
+
+inline double sum_squares(const float* p, int64_t n) { return sum_squares_f32(p, n); }
+inline double sum_squares(const double* p, int64_t n) { return sum_squares_f64(p, n); }
+inline double sum_squares(const c10::BFloat16* p, int64_t n) { return sum_squares_bf16(p, n); }
+inline double sum_squares(const c10::Half* p, int64_t n) { return sum_squares_f16(p, n); }
+inline void scale(const float* in, float* out, int64_t n, float f) { scale_f32(in, out, n, f); }
+inline void scale(const double* in, double* out, int64_t n, double f) { scale_f64(in, out, n, f); }
+inline void scale(const c10::BFloat16* in, c10::BFloat16* out, int64_t n, float f) {
+  scale_bf16(in, out, n, f);
+}
+inline void scale(const c10::Half* in, c10::Half* out, int64_t n, float f) {
+  scale_f16(in, out, n, f);
+}
+
+// The tensors of each group, largest groups first, so a dynamic schedule balances the threads.
+struct GroupPlan {
+  std::vector<std::vector<int64_t>> members;  // tensor indices per group
+  std::vector<int64_t> order;                 // group indices by decreasing total numel
+};
+
+GroupPlan plan_groups(at::TensorList tensors, at::IntArrayRef group_ids, int64_t num_groups) {
+  GroupPlan plan;
+  plan.members.resize(num_groups);
+  std::vector<int64_t> size(num_groups, 0);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    plan.members[group_ids[i]].push_back(static_cast<int64_t>(i));
+    size[group_ids[i]] += tensors[i].numel();
+  }
+  plan.order.resize(num_groups);
+  std::iota(plan.order.begin(), plan.order.end(), 0);
+  std::stable_sort(plan.order.begin(), plan.order.end(),
+                   [&](int64_t a, int64_t b) { return size[a] > size[b]; });
+  return plan;
+}
+
+// Contiguous views (or copies) of the inputs; ATen calls stay on the calling thread.
+std::vector<at::Tensor> contiguous_all(at::TensorList tensors) {
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const auto& t : tensors) out.push_back(t.contiguous());
+  return out;
+}
+
+template <typename T>
+void group_sq_norms_kernel(const std::vector<at::Tensor>& ts, const GroupPlan& plan,
+                           acc_t<T>* out) {
+  const int64_t G = static_cast<int64_t>(plan.order.size());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t k = 0; k < G; ++k) {
+    const int64_t g = plan.order[k];
+    double sq = 0.0;
+    for (int64_t i : plan.members[g]) sq += sum_squares(ts[i].const_data_ptr<T>(), ts[i].numel());
+    out[g] = static_cast<acc_t<T>>(sq);
+  }
+}
+
+at::Tensor group_sq_norms_cpu(at::TensorList tensors, at::IntArrayRef group_ids,
+                              int64_t num_groups) {
+  check_group_args("gslora::group_sq_norms", tensors, group_ids, num_groups);
+  const auto acc = accumulate_type(tensors[0].scalar_type());
+  at::Tensor out = at::zeros({num_groups}, tensors[0].options().dtype(acc));
+  const auto ts = contiguous_all(tensors);
+  const GroupPlan plan = plan_groups(tensors, group_ids, num_groups);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tensors[0].scalar_type(),
+                                  "group_sq_norms_cpu", [&] {
+    group_sq_norms_kernel<scalar_t>(ts, plan, out.data_ptr<acc_t<scalar_t>>());
+  });
+  return out;
+}
+
+template <typename T>
+void group_scale_kernel(const std::vector<at::Tensor>& ts, at::IntArrayRef group_ids,
+                        const acc_t<T>* c, std::vector<at::Tensor>& outs) {
+  const int64_t n = static_cast<int64_t>(ts.size());
+  // Element-wise with no reduction: one task per tensor balances as well as one per group.
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t i = 0; i < n; ++i)
+    scale(ts[i].const_data_ptr<T>(), outs[i].data_ptr<T>(), ts[i].numel(), c[group_ids[i]]);
+}
+
+std::vector<at::Tensor> group_scale_cpu(at::TensorList tensors, at::IntArrayRef group_ids,
+                                        const at::Tensor& coeffs_in) {
+  const char* op = "gslora::group_scale";
+  TORCH_CHECK(coeffs_in.defined() && coeffs_in.dim() == 1, op,
+              ": coeffs must be a 1-D [num_groups] tensor");
+  const int64_t G = coeffs_in.size(0);
+  check_group_args(op, tensors, group_ids, G);
+  check_group_vector(op, "coeffs", coeffs_in, G, tensors[0].device());
+  const auto acc = accumulate_type(tensors[0].scalar_type());
+  const at::Tensor coeffs = coeffs_in.to(acc).contiguous();
+  const auto ts = contiguous_all(tensors);
+  std::vector<at::Tensor> outs;
+  outs.reserve(ts.size());
+  for (const auto& t : ts) outs.push_back(at::empty_like(t, at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tensors[0].scalar_type(),
+                                  "group_scale_cpu", [&] {
+    group_scale_kernel<scalar_t>(ts, group_ids, coeffs.const_data_ptr<acc_t<scalar_t>>(), outs);
+  });
+  return outs;
+}
+
+template <typename T>
+void group_prox_kernel(const std::vector<at::Tensor>& ts, const GroupPlan& plan,
+                       const acc_t<T>* lam, acc_t<T>* norms) {
+  using A = acc_t<T>;
+  const int64_t G = static_cast<int64_t>(plan.order.size());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t k = 0; k < G; ++k) {
+    const int64_t g = plan.order[k];
+    double sq = 0.0;
+    for (int64_t i : plan.members[g]) sq += sum_squares(ts[i].const_data_ptr<T>(), ts[i].numel());
+    const A norm = gsqrt(static_cast<A>(sq));
+    norms[g] = norm;
+    const A f = prox_factor<A>(norm, lam[g]);
+    if (f == A(1)) continue;  // lam == 0: the step is the identity, skip the write pass
+    for (int64_t i : plan.members[g]) {
+      T* p = ts[i].data_ptr<T>();
+      scale(p, p, ts[i].numel(), f);
+    }
+  }
+}
+
+at::Tensor group_prox_cpu(at::TensorList tensors, at::IntArrayRef group_ids, int64_t num_groups,
+                          const at::Tensor& thresholds_in) {
+  const char* op = "gslora::group_prox_";
+  check_group_args(op, tensors, group_ids, num_groups);
+  check_group_vector(op, "thresholds", thresholds_in, num_groups, tensors[0].device());
+  const auto acc = accumulate_type(tensors[0].scalar_type());
+  const at::Tensor lam = thresholds_in.to(acc).contiguous();
+  TORCH_CHECK(lam.ge(0).all().item<bool>(), op, ": thresholds must be >= 0");
+  at::Tensor norms = at::empty({num_groups}, tensors[0].options().dtype(acc));
+  // Non-contiguous tensors are updated through contiguous copies, written back afterwards.
+  const auto ts = contiguous_all(tensors);
+  const GroupPlan plan = plan_groups(tensors, group_ids, num_groups);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tensors[0].scalar_type(),
+                                  "group_prox_cpu", [&] {
+    group_prox_kernel<scalar_t>(ts, plan, lam.const_data_ptr<acc_t<scalar_t>>(),
+                                norms.data_ptr<acc_t<scalar_t>>());
+  });
+  for (size_t i = 0; i < tensors.size(); ++i)
+    if (!ts[i].is_same(tensors[i])) const_cast<at::Tensor&>(tensors[i]).copy_(ts[i]);
+  return norms;
+}
+
+}  // namespace
+}  // namespace gslora
+
+TORCH_LIBRARY_IMPL(gslora, CPU, m) {
+  m.impl("group_sq_norms", &gslora::group_sq_norms_cpu);
+  m.impl("group_scale", &gslora::group_scale_cpu);
+  m.impl("group_prox_", &gslora::group_prox_cpu);
+}

@@ -1,0 +1,362 @@
+// CPU kernels of the LoRA linear: y = x W^T + b + s (d(x) A^T) B^T and its backward.
+//
+// The two big products (x W^T in the forward, g W in the backward) go to ATen's GEMM (MKL /
+// oneDNN). Everything the adapter adds is memory traffic over skinny [M, r] products, so it runs
+// in two fused row-block kernels that touch each big operand once and create no [M, N]
+// temporary:
+//
+//   K1 "project":  out[m, :] = sum_l d(X)[m, l] P[l, :]       (P [L, r], out [M, r])
+//                  D[l, :]  += sum_m X[m, l] V[m, :]          (optional, same pass over X)
+//   K2 "update":   Y[m, l]  += alpha * d'(sum_j U[m, j] Pt[j, l])   (Pt [r, L], in place)
+//                  D[j, l]  += dscale * sum_m U[m, j] d(X)[m, l]    (optional, same pass)
+//
+// Forward:  y = addmm(b, x, W^T);  xa = K1(x, A^T);  K2: y += s xa B^T.
+// Backward: u = g B and dB = s g^T xa in ONE pass over g (K1);  dx = g W;
+//           K2: dx += s d(u A) and dA = s u^T d(x) in ONE pass over (x, dx).
+// Adapter math accumulates in float (double for double); the forward's y update uses the
+// unrounded xa. Rows are processed 4 at a time so that each loaded row of P / Pt / D serves 4
+// rows of X; the inner loops have compile-time width 8 so that they become AVX2 FMAs in the
+// x86-64-v3 clone (target_clones picks it at load time where the CPU supports it).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "checks.h"
+#include "gslora_math.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define GSLORA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define GSLORA_CLONES
+#endif
+#define GSLORA_INLINE inline __attribute__((always_inline))
+
+namespace gslora {
+namespace {
+
+constexpr int VW = 8;      // vector width of the inner loops (one AVX2 register of floats)
+constexpr int64_t RB = 4;  // rows per register block
+
+// ---------------------------------------------------------------------------------------------
+// K1: out[m, c:c+VW] = oscale * sum_l d(X)[m, l] P[l, c:c+VW] for every column chunk c of the
+// padded rank RP (a multiple of VW), and D[l, :] += sum_m X[m, l] V[m, :] when HAS_D.
+template <typename T, typename A, int NR, bool HAS_MASK, bool HAS_D>
+GSLORA_INLINE void k1_block(const T* X, int64_t L, const bool* mask, A keep, A oscale, const A* P,
+                            int64_t RP, A* out, const A* V, A* D, int64_t m) {
+  for (int64_t c = 0; c < RP; c += VW) {
+    A acc[NR][VW];
+    A v[NR][VW];
+    for (int i = 0; i < NR; ++i)
+      for (int j = 0; j < VW; ++j) {
+        acc[i][j] = A(0);
+        v[i][j] = HAS_D ? V[(m + i) * RP + c + j] : A(0);
+      }
+    for (int64_t l = 0; l < L; ++l) {
+      const A* p = P + l * RP + c;
+      A xr[NR], xd[NR];
+      for (int i = 0; i < NR; ++i) {
+        xr[i] = static_cast<A>(X[(m + i) * L + l]);
+        xd[i] = HAS_MASK ? (mask[(m + i) * L + l] ? xr[i] * keep : A(0)) : xr[i];
+      }
+      for (int i = 0; i < NR; ++i)
+        for (int j = 0; j < VW; ++j) acc[i][j] += xd[i] * p[j];
+      if (HAS_D) {
+        A* d = D + l * RP + c;
+        A dl[VW];
+        for (int j = 0; j < VW; ++j) dl[j] = d[j];
+        for (int i = 0; i < NR; ++i)
+          for (int j = 0; j < VW; ++j) dl[j] += xr[i] * v[i][j];
+        for (int j = 0; j < VW; ++j) d[j] = dl[j];
+      }
+    }
+    for (int i = 0; i < NR; ++i)
+      for (int j = 0; j < VW; ++j) out[(m + i) * RP + c + j] = acc[i][j] * oscale;
+  }
+}
+
+template <typename T, typename A, bool HAS_MASK, bool HAS_D>
+GSLORA_INLINE void k1_rows_impl(const T* X, int64_t L, const bool* mask, A keep, A oscale,
+                                const A* P, int64_t RP, A* out, const A* V, A* D, int64_t m0,
+                                int64_t m1) {
+  int64_t m = m0;
+  for (; m + RB <= m1; m += RB)
+    k1_block<T, A, RB, HAS_MASK, HAS_D>(X, L, mask, keep, oscale, P, RP, out, V, D, m);
+  for (; m < m1; ++m) k1_block<T, A, 1, HAS_MASK, HAS_D>(X, L, mask, keep, oscale, P, RP, out, V, D, m);
+}
+
+// ---------------------------------------------------------------------------------------------
+// K2 on the column chunk [l0, l0 + w) of NR rows starting at m. FULL chunks have w == VW known
+// at compile time (vectorised); the tail chunk has w < VW.
+template <typename T, typename A, int NR, bool FULL, bool HAS_MASK, bool HAS_Y, bool HAS_D>
+GSLORA_INLINE void k2_chunk(T* Y, const T* X, int64_t L, const bool* mask, A keep, A alpha,
+                            A dscale, const A* U, int64_t ldu, int64_t r, const A* Pt, A* D,
+                            int64_t m, int64_t l0, int w_rt) {
+  const int w = FULL ? VW : w_rt;
+  A acc[NR][VW];
+  A xd[NR][VW];
+  A mf[NR][VW];
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < VW; ++j) {
+      acc[i][j] = A(0);
+      const bool in = FULL || j < w;
+      const int64_t idx = (m + i) * L + l0 + j;
+      // Dropout factor of this element: keep_scale where kept, 0 where dropped, 1 without mask.
+      mf[i][j] = HAS_MASK ? (in && mask[idx] ? keep : A(0)) : A(1);
+      xd[i][j] = (HAS_D && in) ? static_cast<A>(X[idx]) * mf[i][j] * dscale : A(0);
+    }
+  for (int64_t jr = 0; jr < r; ++jr) {
+    const A* pt = Pt + jr * L + l0;
+    A pv[VW];
+    for (int j = 0; j < VW; ++j) pv[j] = (FULL || j < w) ? pt[j] : A(0);
+    A uv[NR];
+    for (int i = 0; i < NR; ++i) uv[i] = U[(m + i) * ldu + jr];
+    if (HAS_Y)
+      for (int i = 0; i < NR; ++i)
+        for (int j = 0; j < VW; ++j) acc[i][j] += uv[i] * pv[j];
+    if (HAS_D) {
+      A* d = D + jr * L + l0;
+      A dl[VW];
+      for (int j = 0; j < VW; ++j) dl[j] = (FULL || j < w) ? d[j] : A(0);
+      for (int i = 0; i < NR; ++i)
+        for (int j = 0; j < VW; ++j) dl[j] += uv[i] * xd[i][j];
+      for (int j = 0; j < w; ++j) d[j] = dl[j];
+    }
+  }
+  if (HAS_Y)
+    for (int i = 0; i < NR; ++i)
+      for (int j = 0; j < w; ++j) {
+        T* y = Y + (m + i) * L + l0 + j;
+        *y = static_cast<T>(static_cast<A>(*y) + alpha * mf[i][j] * acc[i][j]);
+      }
+}
+
+template <typename T, typename A, int NR, bool HAS_MASK, bool HAS_Y, bool HAS_D>
+GSLORA_INLINE void k2_block(T* Y, const T* X, int64_t L, const bool* mask, A keep, A alpha,
+                            A dscale, const A* U, int64_t ldu, int64_t r, const A* Pt, A* D,
+                            int64_t m) {
+  int64_t l0 = 0;
+  for (; l0 + VW <= L; l0 += VW)
+    k2_chunk<T, A, NR, true, HAS_MASK, HAS_Y, HAS_D>(Y, X, L, mask, keep, alpha, dscale, U, ldu,
+                                                      r, Pt, D, m, l0, VW);
+  if (l0 < L)
+    k2_chunk<T, A, NR, false, HAS_MASK, HAS_Y, HAS_D>(Y, X, L, mask, keep, alpha, dscale, U, ldu,
+                                                       r, Pt, D, m, l0, static_cast<int>(L - l0));
+}
+
+template <typename T, typename A, bool HAS_MASK, bool HAS_Y, bool HAS_D>
+GSLORA_INLINE void k2_rows_impl(T* Y, const T* X, int64_t L, const bool* mask, A keep, A alpha,
+                                A dscale, const A* U, int64_t ldu, int64_t r, const A* Pt, A* D,
+                                int64_t m0, int64_t m1) {
+  int64_t m = m0;
+  for (; m + RB <= m1; m += RB)
+    k2_block<T, A, RB, HAS_MASK, HAS_Y, HAS_D>(Y, X, L, mask, keep, alpha, dscale, U, ldu, r, Pt,
+                                               D, m);
+  for (; m < m1; ++m)
+    k2_block<T, A, 1, HAS_MASK, HAS_Y, HAS_D>(Y, X, L, mask, keep, alpha, dscale, U, ldu, r, Pt,
+                                              D, m);
+}
+
+// Concrete, multi-versioned entry points (target_clones cannot apply to templates). The runtime
+// flags select a template instantiation once per row range, outside the hot loops.
+#define GSLORA_DEFINE_ROW_KERNELS(T, A, SUFFIX)                                                   \
+  GSLORA_CLONES void k1_rows_##SUFFIX(const T* X, int64_t L, const bool* mask, A keep, A oscale,  \
+                                      const A* P, int64_t RP, A* out, const A* V, A* D,           \
+                                      int64_t m0, int64_t m1) {                                   \
+    if (D != nullptr)                                                                             \
+      k1_rows_impl<T, A, false, true>(X, L, mask, keep, oscale, P, RP, out, V, D, m0, m1);        \
+    else if (mask != nullptr)                                                                     \
+      k1_rows_impl<T, A, true, false>(X, L, mask, keep, oscale, P, RP, out, V, D, m0, m1);        \
+    else                                                                                          \
+      k1_rows_impl<T, A, false, false>(X, L, mask, keep, oscale, P, RP, out, V, D, m0, m1);       \
+  }                                                                                               \
+  GSLORA_CLONES void k2_rows_##SUFFIX(T* Y, const T* X, int64_t L, const bool* mask, A keep,      \
+                                      A alpha, A dscale, const A* U, int64_t ldu, int64_t r,      \
+                                      const A* Pt, A* D, int64_t m0, int64_t m1) {                \
+    const bool hy = Y != nullptr, hd = D != nullptr, hm = mask != nullptr;                        \
+    if (hy && !hd)                                                                                \
+      k2_rows_impl<T, A, false, true, false>(Y, X, L, mask, keep, alpha, dscale, U, ldu, r, Pt,   \
+                                             D, m0, m1);                                          \
+    else if (hy && hd && hm)                                                                      \
+      k2_rows_impl<T, A, true, true, true>(Y, X, L, mask, keep, alpha, dscale, U, ldu, r, Pt, D,  \
+                                           m0, m1);                                               \
+    else if (hy && hd)                                                                            \
+      k2_rows_impl<T, A, false, true, true>(Y, X, L, mask, keep, alpha, dscale, U, ldu, r, Pt, D, \
+                                            m0, m1);                                              \
+    else if (hm)                                                                                  \
+      k2_rows_impl<T, A, true, false, true>(Y, X, L, mask, keep, alpha, dscale, U, ldu, r, Pt, D, \
+                                            m0, m1);                                              \
+    else                                                                                          \
+      k2_rows_impl<T, A, false, false, true>(Y, X, L, mask, keep, alpha, dscale, U, ldu, r, Pt,   \
+                                             D, m0, m1);                                          \
+  }
+
+GSLORA_DEFINE_ROW_KERNELS(float, float, f32)
+GSLORA_DEFINE_ROW_KERNELS(double, double, f64)
+GSLORA_DEFINE_ROW_KERNELS(c10::BFloat16, float, bf16)
+GSLORA_DEFINE_ROW_KERNELS(c10::Half, float, f16)
+#undef GSLORA_DEFINE_ROW_KERNELS
+
+template <typename T>
+struct RowKernels;
+#define GSLORA_ROW_KERNELS_OF(T, SUFFIX)                                \
+  template <>                                                           \
+  struct RowKernels<T> {                                                \
+    static constexpr auto k1 = &k1_rows_##SUFFIX;                       \
+    static constexpr auto k2 = &k2_rows_##SUFFIX;                       \
+  };
+GSLORA_ROW_KERNELS_OF(float, f32)
+GSLORA_ROW_KERNELS_OF(double, f64)
+GSLORA_ROW_KERNELS_OF(c10::BFloat16, bf16)
+GSLORA_ROW_KERNELS_OF(c10::Half, f16)
+#undef GSLORA_ROW_KERNELS_OF
+
+// Rows per parallel task: enough work per task to amortise scheduling, a multiple of RB.
+constexpr int64_t kRowGrain = 32;
+
+// Runs fn(tid, m0, m1) over row blocks on ATen's intra-op threads; tid indexes per-thread
+// partial accumulators.
+template <typename F>
+void parallel_rows(int64_t M, const F& fn) {
+  at::parallel_for(0, M, kRowGrain, [&](int64_t m0, int64_t m1) { fn(at::get_thread_num(), m0, m1); });
+}
+
+// [rows, cols] -> [rows, RP] in the accumulate dtype, zero-padded: padded columns of P give
+// padded columns of out that are exactly zero and never read back.
+at::Tensor pad_cols(const at::Tensor& t, int64_t RP, at::ScalarType acc) {
+  at::Tensor out = at::zeros({t.size(0), RP}, t.options().dtype(acc));
+  out.narrow(1, 0, t.size(1)).copy_(t);
+  return out;
+}
+
+int64_t padded_rank(int64_t r) { return gslora::ceil_div(r, VW) * VW; }
+
+const bool* mask_ptr(const c10::optional<at::Tensor>& mask, at::Tensor& holder) {
+  if (!mask.has_value() || !mask->defined()) return nullptr;
+  holder = mask->contiguous();
+  return holder.data_ptr<bool>();
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, const at::Tensor& weight,
+                                            const c10::optional<at::Tensor>& bias,
+                                            const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                            double scaling, const bool* mask, double keep_scale) {
+  using A = acc_t<T>;
+  const at::ScalarType acc = accumulate_type(x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  const int64_t RP = padded_rank(r);
+  // Base product straight into y (BLAS), no [M, N] temporary anywhere after it.
+  at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x, weight.t())
+                                                       : at::mm(x, weight.t());
+  at::Tensor At = pad_cols(lora_A.t(), RP, acc);          // [K, RP]
+  at::Tensor Bt = lora_B.t().to(acc).contiguous();        // [r, N]
+  at::Tensor xa_acc = at::empty({M, RP}, x.options().dtype(acc));
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const A* Ap = At.data_ptr<A>();
+  const A* Bp = Bt.data_ptr<A>();
+  A* xap = xa_acc.data_ptr<A>();
+  const A keep = static_cast<A>(keep_scale), s = static_cast<A>(scaling);
+  parallel_rows(M, [&](int64_t, int64_t m0, int64_t m1) {
+    // xa for these rows, then y += s xa B^T for the same rows while xa is hot.
+    RowKernels<T>::k1(xp, K, mask, keep, A(1), Ap, RP, xap, nullptr, nullptr, m0, m1);
+    RowKernels<T>::k2(yp, nullptr, N, nullptr, A(1), s, A(0), xap, RP, r, Bp, nullptr, m0, m1);
+  });
+  at::Tensor xa = xa_acc.narrow(1, 0, r).to(x.scalar_type()).contiguous();
+  return {y, xa};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(
+    const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, const bool* mask,
+    double keep_scale, bool compute_dx) {
+  using A = acc_t<T>;
+  const at::ScalarType acc = accumulate_type(x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  const int64_t RP = padded_rank(r);
+  const int nthreads = at::get_num_threads();
+  at::Tensor Bp = pad_cols(lora_B, RP, acc);                   // [N, RP]
+  at::Tensor xa_p = pad_cols(xa, RP, acc);                     // [M, RP]
+  at::Tensor Aacc = lora_A.to(acc).contiguous();               // [r, K]
+  at::Tensor u = at::empty({M, RP}, x.options().dtype(acc));   // u = g B
+  // Per-thread partial sums of dB [N, RP] and dA [r, K]; reduced after the parallel passes.
+  at::Tensor dB_part = at::zeros({nthreads, N, RP}, x.options().dtype(acc));
+  at::Tensor dA_part = at::zeros({nthreads, r, K}, x.options().dtype(acc));
+  const A keep = static_cast<A>(keep_scale), s = static_cast<A>(scaling);
+  {
+    const T* gp = g.data_ptr<T>();
+    const A *Bptr = Bp.data_ptr<A>(), *xap = xa_p.data_ptr<A>();
+    A* up = u.data_ptr<A>();
+    A* dBp = dB_part.data_ptr<A>();
+    // One pass over g: u = g B and dB += g^T xa.
+    parallel_rows(M, [&](int64_t tid, int64_t m0, int64_t m1) {
+      RowKernels<T>::k1(gp, N, nullptr, A(1), A(1), Bptr, RP, up, xap, dBp + tid * N * RP, m0, m1);
+    });
+  }
+  at::Tensor dx;
+  if (compute_dx) {
+    dx = at::mm(g, weight);  // base product straight into dx (BLAS)
+  } else {
+    dx = at::empty({0}, x.options());
+  }
+  {
+    const T* xp = x.data_ptr<T>();
+    T* dxp = compute_dx ? dx.data_ptr<T>() : nullptr;
+    const A *Ap = Aacc.data_ptr<A>(), *up = u.data_ptr<A>();
+    A* dAp = dA_part.data_ptr<A>();
+    // One pass over (x, dx): dx += s d(u A) and dA += s u^T d(x).
+    parallel_rows(M, [&](int64_t tid, int64_t m0, int64_t m1) {
+      RowKernels<T>::k2(dxp, xp, K, mask, keep, s, s, up, RP, r, Ap, dAp + tid * r * K, m0, m1);
+    });
+  }
+  at::Tensor dB = dB_part.sum(0).narrow(1, 0, r).mul_(scaling).to(lora_B.scalar_type()).contiguous();
+  at::Tensor dA = dA_part.sum(0).to(lora_A.scalar_type());
+  return {dx, dA, dB};
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& A_in, const at::Tensor& B_in, double scaling,
+    const c10::optional<at::Tensor>& mask, double keep_scale) {
+  check_lora_fwd_args(x_in, weight_in, bias, A_in, B_in, mask, keep_scale);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor lora_A = A_in.contiguous(), lora_B = B_in.contiguous();
+  at::Tensor mask_holder;
+  const bool* mp = mask_ptr(mask, mask_holder);
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_linear_fwd_cpu", [&] {
+    out = fwd_impl<scalar_t>(x, weight, bias, lora_A, lora_B, scaling, mp, keep_scale);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
+    const at::Tensor& g_in, const at::Tensor& x_in, const at::Tensor& weight_in,
+    const at::Tensor& A_in, const at::Tensor& B_in, const at::Tensor& xa_in, double scaling,
+    const c10::optional<at::Tensor>& mask, double keep_scale, bool compute_dx) {
+  check_lora_bwd_args(g_in, x_in, weight_in, A_in, B_in, xa_in, mask, keep_scale);
+  const at::Tensor g = g_in.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor lora_A = A_in.contiguous(), lora_B = B_in.contiguous();
+  at::Tensor mask_holder;
+  const bool* mp = mask_ptr(mask, mask_holder);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_linear_bwd_cpu", [&] {
+    out = bwd_impl<scalar_t>(g, x, weight, lora_A, lora_B, xa_in, scaling, mp, keep_scale,
+                             compute_dx);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace gslora
+
+TORCH_LIBRARY_IMPL(gslora, CPU, m) {
+  m.impl("lora_linear_fwd", &gslora::lora_linear_fwd_cpu);
+  m.impl("lora_linear_bwd", &gslora::lora_linear_bwd_cpu);
+}

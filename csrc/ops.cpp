@@ -1,0 +1,34 @@
+// Schemas of the torch.ops.gslora ops and the Python module stub of gslora._C.
+//
+// The CPU kernels register in lora_linear_cpu.cpp and group_ops_cpu.cpp, the CUDA kernels in
+// cuda/gslora_cuda.cu, and the fake (meta) kernels for torch.compile in gslora/_fake.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import gslora._C` only has to load this library (which runs the registrations below); the ops
+// are reached through torch.ops.gslora, so the module itself is empty and needs no pybind11.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "gslora's compiled ops (torch.ops.gslora.*)", -1, nullptr,
+      nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(gslora, m) {
+  // y = x W^T + b + s (d(x) A^T) B^T and xa = d(x) A^T, d(x) = x * mask * keep_scale.
+  m.def(
+      "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "float scaling, Tensor? mask, float keep_scale) -> (Tensor, Tensor)");
+  // (dx, dA, dB); dx is an empty tensor when compute_dx is false.
+  m.def(
+      "lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "Tensor xa, float scaling, Tensor? mask, float keep_scale, bool compute_dx) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def("group_sq_norms(Tensor[] tensors, int[] group_ids, int num_groups) -> Tensor");
+  m.def("group_scale(Tensor[] tensors, int[] group_ids, Tensor coeffs) -> Tensor[]");
+  m.def(
+      "group_prox_(Tensor(a!)[] tensors, int[] group_ids, int num_groups, Tensor thresholds) "
+      "-> Tensor");
+}
