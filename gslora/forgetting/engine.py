@@ -84,7 +84,9 @@ class ForgetConfig:
             α = 0 (METHOD.md's "first N epochs", expressed relative to the task length).
         beta: weight β of the bounded forget loss. bnd: its bound (None: :func:`default_bnd`
             of the head's logit scale, ``bnd_ratio``·2s).
-        steps: optimizer steps per task. batch_size: forget and replay batch size each.
+        steps: optimizer steps per task. epochs: if set, overrides ``steps`` with
+            ceil(epochs · forget-set size / batch_size) (an epoch = one pass over the forget
+            data). batch_size: forget and replay batch size each.
         lr, lr_min: AdamW learning rate, cosine-annealed to lr_min within a task.
         full_lr: learning rate for the ``full`` baseline (None: lr).
         weight_decay: AdamW weight decay.
@@ -107,6 +109,7 @@ class ForgetConfig:
     bnd: float | None = None
     bnd_ratio: float = 0.85
     steps: int = 200
+    epochs: float | None = None
     batch_size: int = 64
     lr: float = 1e-2
     lr_min: float = 1e-5
@@ -142,6 +145,9 @@ class ForgetConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ForgetError(f"{name} must be a number >= 0, got {v!r}")
+        if self.epochs is not None and not (isinstance(self.epochs, (int, float))
+                                            and math.isfinite(self.epochs) and self.epochs > 0):
+            raise ForgetError(f"epochs must be a number > 0 (or null to use steps), got {self.epochs!r}")
         if not 0.0 <= self.warmup < 1.0:
             raise ForgetError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
         if self.bnd is not None and not (math.isfinite(self.bnd) and self.bnd > 0):
@@ -343,12 +349,14 @@ def train_task(
     if len(replay_idx) == 0:
         raise ForgetError("the replay set has no samples of the remaining classes")
     device = torch.device(config.device)
+    total = config.steps if config.epochs is None else \
+        max(1, math.ceil(config.epochs * len(forget_idx) / config.batch_size))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ForgetError("the model has no trainable parameters")
     lr = config.full_lr if (config.method == "full" and config.full_lr) else config.lr
     inner = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=config.weight_decay)
-    warmup_steps = int(round(config.warmup * config.steps))
+    warmup_steps = int(round(config.warmup * total))
     schedule = SparsityWarmup(config.alpha if sparsity is not None else 0.0, warmup_steps)
     use_prox = sparsity is not None and config.sparsity == "prox"
     opt = ProxOptimizer(inner, sparsity, schedule) if use_prox else inner
@@ -371,10 +379,10 @@ def train_task(
     model.train()
     stats: dict[str, float] = {}
     t0 = time.perf_counter()
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
+    bar = tqdm(range(start, total), initial=start, total=total, disable=not progress,
                desc=f"{config.method} task {task + 1}", leave=False, dynamic_ncols=True)
     for step in bar:
-        cur_lr = _cosine_lr(step, config.steps, lr, config.lr_min)
+        cur_lr = _cosine_lr(step, total, lr, config.lr_min)
         for pg in inner.param_groups:
             pg["lr"] = cur_lr
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + task * 10_007 + step)
@@ -402,17 +410,17 @@ def train_task(
         opt.step()
         if not use_prox:
             schedule.step()
-        if step % 10 == 0 or step == config.steps - 1:
+        if step % 10 == 0 or step == total - 1:
             stats = {"loss": loss.item(), "retain_ce": l_r.item(), "forget_term": l_f.item()}
             bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
         if ckpt_path is not None and config.ckpt_every and (step + 1) % config.ckpt_every == 0 \
-                and step + 1 < config.steps:
+                and step + 1 < total:
             ck = {"step": step + 1, "params": {n: p.detach().cpu() for n, p in named},
                   "optim": opt.state_dict(), "schedule": schedule.state_dict()}
             _atomic_write(ckpt_path, lambda tmp, ck=ck: torch.save(ck, tmp))
     bar.close()
     stats["train_s"] = time.perf_counter() - t0
-    stats["steps_run"] = config.steps - start
+    stats["steps_run"] = total - start
     return stats
 
 
@@ -605,8 +613,8 @@ class ContinualForgetting:
             if self.run_dir is not None:
                 from ..adapters import save_adapter
 
-                path = self.run_dir / f"adapter_task{t + 1}.safetensors"
-                _atomic_write(path, lambda tmp: save_adapter(self.model, tmp))
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                save_adapter(self.model, self.run_dir / f"adapter_task{t + 1}.safetensors")  # atomic
             # W ← W + s·B·A (zeroed groups skipped), then plain nn.Linear layers again: only
             # merged weights carry over to the next task (METHOD.md).
             unload_gslora(self.model, merge=True)
