@@ -254,6 +254,11 @@ def _rng(vals: Iterable[float | None], digits: int = 2) -> str:
     return f"{r[0]:.{digits}f}×" if abs(r[0] - r[1]) < 10 ** -digits else f"{r[0]:.{digits}f}–{r[1]:.{digits}f}×"
 
 
+def _span(vals: Sequence[float], digits: int) -> str:
+    lo, hi = f"{min(vals):.{digits}f}", f"{max(vals):.{digits}f}"
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
 def analysis(d: Data, device: str) -> list[str]:
     """Paragraphs stating what the numbers of ``device`` say."""
     paras: list[str] = []
@@ -302,7 +307,7 @@ def analysis(d: Data, device: str) -> list[str]:
             "**Group sparsity**: one proximal step (norms + scale) takes gslora "
             f"{_rng(ratio(d.one('group_sparsity', device, 'norms+prox', 'gslora', c), d.one('group_sparsity', device, 'norms+prox', 'floor', c)) for c in cases)} "
             "the time of one in-place multiply over the same bytes"
-            + (f" ({min(bw):.1f}–{max(bw):.1f} GB/s counting one read and one write)" if bw else "")
+            + (f" ({_span(bw, 1)} GB/s counting one read and one write)" if bw else "")
             + "; the Python loop takes "
             f"{_rng(ratio(d.one('group_sparsity', device, 'norms+prox', 'loop', c), d.one('group_sparsity', device, 'norms+prox', 'gslora', c)) for c in cases)} "
             "and the `_foreach` path "
@@ -363,14 +368,29 @@ fuses the element-wise parts (GELU, LayerNorm, residual adds, the LoRA add), whi
 not touch: a compiled baseline can win on the parts that are not LoRA at all.
 
 **On a GPU** (H200, `--device cuda`): the same scripts time with CUDA events and measure memory
-with `torch.cuda.max_memory_allocated`. The GEMMs become ~100× faster while kernel-launch
-latency (~5 µs) does not shrink, so (i) the per-tensor Python loop of the group penalty becomes
-launch-bound (~4 launches × tensors × groups) and the one-launch fused kernels gain far more
-than on a CPU; (ii) the LoRA side products, bandwidth-bound on any device, become a larger
-fraction of a now-faster base GEMM unless they are fused into its epilogue (the Triton kernels
-carry the [BM, r] side accumulator in the output tile); (iii) in bf16 the saved [M, r]
-products instead of [M, N] temporaries matter more, because activation memory, not FLOPs,
-bounds the batch size.
+with `torch.cuda.max_memory_allocated`; the `gslora` provider then runs the `triton` (or
+`cuda`) backend. The GEMMs become ~100× faster while the cost of launching a kernel (~5 µs on
+the device, and tens of µs of Python-side launcher and autograd overhead per op) does not
+shrink, so at the sizes of these benchmarks most calls are launch-bound: what counts is the
+number of launches and Python calls per step, not bytes or FLOPs. (i) The per-tensor loop of the
+group penalty is ~4 launches × tensors; the fused ops are one or two launches, so their gain
+grows with the model's depth, but only once their own fixed overhead is below the loop's.
+(ii) The LoRA side products are bandwidth-bound on any device and become a larger fraction of a
+now-faster base GEMM unless they are fused into its epilogue (the Triton kernels carry the
+[BM, r] side accumulator in the output tile); at large M the fused kernel must compete with
+cuBLAS on the base GEMM itself. (iii) In bf16, saving the [M, r] product instead of [M, N]
+temporaries matters more, because activation memory, not FLOPs, bounds the batch size. Read
+the cuda tables (when present) for which of these effects dominates at each size.
+
+## Reproduce
+
+* the whole suite and this file: `make bench` (= `python -m benchmarks.run_all`; add
+  `--quick` for a one-minute check of the tooling);
+* one script: `python -m benchmarks.bench_lora_linear [--quick] [--device cuda] [--plot lora.png]`
+  (likewise `bench_group_sparsity`, `bench_ffn`, `bench_train_step`; `--help` lists the
+  shape, provider and repetition options);
+* a report from several files, e.g. a CPU suite and a GPU run:
+  `python -m benchmarks.report benchmarks/results/run-<id>.jsonl gpu.jsonl --md BENCHMARKS.md`.
 """
 
 
@@ -401,11 +421,13 @@ def machine_section(d: Data) -> list[str]:
                 + (f", timm {mc['timm']}" if mc.get("timm") else ""))
             lines.append(f"* gslora backends: {str(mc.get('gslora_backends', '')).replace(chr(10), '; ')}")
             lines.append(f"* peak memory: {m.get('peak_memory_method')}")
-    loads = [(m["bench"], m["machine"].get("loadavg"), m.get("loadavg_end")) for m in d.metas]
+    several = len(d.devices()) > 1
+    loads = [((f"{m['device']} " if several else "") + m["bench"], m["machine"].get("loadavg"),
+              m.get("loadavg_end")) for m in d.metas]
     la = [f"{b} {s[0]:.1f}→{e[0]:.1f}" for b, s, e in loads if s and e]
     if la:
-        lines.append(f"* 1-minute load average at start → end of each script (noise indicator; "
-                     f"{d.metas[0]['machine'].get('logical_cpus')} CPUs): {', '.join(la)}")
+        lines.append("* 1-minute load average at start → end of each script (a noise indicator: "
+                     f"compare with the CPU count above): {', '.join(la)}")
     lines.append("")
     for m in d.metas:
         lines.append(f"* `{m['command'].strip()}` — run `{m['run_id']}`, {m['time']}, {m['dtype']}")

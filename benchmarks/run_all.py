@@ -54,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--only: unknown {unknown}; known: {', '.join(SUITE)}")
     run_id = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     out = args.out or RESULTS_DIR / f"run-{run_id}.jsonl"
+    if out.resolve().is_relative_to(ROOT):  # shorter, machine-independent commands in the report
+        out = out.resolve().relative_to(ROOT)
     command = "python -m benchmarks.run_all" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
