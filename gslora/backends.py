@@ -130,6 +130,13 @@ class TorchBackend:
         return None
 
 
+@torch.compiler.assume_constant_result
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    # A constant for torch.compile: dynamo cannot trace this query (it returns a bool, not a
+    # Tensor), and backend selection inside a compiled GSLoRALinear must not break the graph.
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
+
+
 class ExtensionBackend:
     """The compiled ops ``torch.ops.gslora.*`` of ``gslora._C`` for one device type."""
 
@@ -144,9 +151,7 @@ class ExtensionBackend:
         error = _ext.load_error()
         if error is not None:
             return error
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(
-            "gslora::lora_linear_fwd", self.dispatch_key
-        ):
+        if not _has_kernel("gslora::lora_linear_fwd", self.dispatch_key):
             return f"gslora._C was built without {self.dispatch_key} kernels"
         if self.device_type == "cuda" and not torch.cuda.is_available():
             return "no CUDA device"

@@ -1,0 +1,279 @@
+"""LoRA linear kernels (backends "cpu", "torch" and, on a GPU, "cuda") against gslora.reference.
+
+float64 must match the reference to rounding; float32 / bfloat16 / float16 must be at least as
+accurate as eager PyTorch in that precision: err(kernel vs fp64 ref) <= 2 * err(eager vs fp64 ref)
++ a floor of a few ulps of the output's magnitude.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gslora
+from gslora import functional, reference
+from gslora._ext import load_error
+from gslora.backends import get_backend
+
+BACKENDS = [("cpu", "cpu"), ("torch", "cpu")]
+if torch.cuda.is_available():
+    BACKENDS += [("cuda", "cuda"), ("torch", "cuda")]
+COMPILED = [b for b in BACKENDS if b[0] != "torch"]
+
+
+@pytest.fixture(autouse=True)
+def _require_extension():
+    # The compiled extension is part of the product: a missing build is a failure, not a skip.
+    assert load_error() is None, load_error()
+
+
+def _inputs(M, K, N, r, dtype, device, bias=True, dropout=0.0):
+    g = torch.Generator().manual_seed(M * 7919 + K * 31 + N * 7 + r)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device, dtype)
+    x, W, A, B = mk(M, K), mk(N, K) / K**0.5, mk(r, K) / K**0.5, mk(N, r)
+    b = mk(N) if bias else None
+    mask = None
+    keep = 1.0
+    if dropout > 0:
+        mask = (torch.rand(M, K, generator=g) >= dropout).to(device)
+        keep = 1.0 / (1.0 - dropout)
+    return x, W, b, A, B, mask, keep
+
+
+def _run(backend, x, W, b, A, B, s, mask, keep, compute_dx=True, g=None):
+    impl = get_backend(backend)
+    y, xa = impl.lora_linear_fwd(x, W, b, A, B, s, mask, keep)
+    if g is None:
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        g = g.to(x.device, x.dtype)
+    dx, dA, dB = impl.lora_linear_bwd(g, x, W, A, B, xa, s, mask, keep, compute_dx)
+    return (y, xa, dx, dA, dB), g
+
+
+def _eager(x, W, b, A, B, s, mask, keep, g):
+    """Plain PyTorch in the inputs' own precision (no upcasting): the baseline error."""
+    d = x if mask is None else x * mask.to(x.dtype) * keep
+    xa = d @ A.t()
+    y = x @ W.t() + s * (xa @ B.t())
+    if b is not None:
+        y = y + b
+    u = g @ B
+    dB = s * (g.t() @ xa)
+    dA = s * (u.t() @ d)
+    du = s * (u @ A)
+    dx = g @ W + (du if mask is None else du * mask.to(x.dtype) * keep)
+    return y, xa, dx, dA, dB
+
+
+def _ref64(x, W, b, A, B, s, mask, keep, g, compute_dx=True):
+    f = lambda t: None if t is None else t.double()
+    y, xa = reference.lora_linear_fwd(f(x), f(W), f(b), f(A), f(B), s, mask, keep)
+    # The backward's reference uses the kernel's own xa output (as the autograd function does).
+    dx, dA, dB = reference.lora_linear_bwd(f(g), f(x), f(W), f(A), f(B), xa, s, mask, keep, compute_dx)
+    return y, xa, dx, dA, dB
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+NAMES = ("y", "xa", "dx", "dA", "dB")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize(
+    "M,K,N,r,bias,dropout",
+    [(37, 1000, 1531, 8, True, 0.0), (5, 7, 9, 1, False, 0.0), (33, 64, 48, 64, True, 0.25),
+     (19, 40, 23, 3, False, 0.5), (0, 16, 12, 4, True, 0.0), (0, 16, 12, 4, False, 0.3)],
+)
+def test_float64_matches_reference(backend, device, M, K, N, r, bias, dropout):
+    x, W, b, A, B, mask, keep = _inputs(M, K, N, r, torch.float64, device, bias, dropout)
+    out, g = _run(backend, x, W, b, A, B, 0.37, mask, keep)
+    ref = _ref64(x, W, b, A, B, 0.37, mask, keep, g)
+    for name, o, e in zip(NAMES, out, ref, strict=True):
+        assert o.dtype == torch.float64 and o.device.type == device and o.shape == e.shape, name
+        tol = 1e-12 * max(1.0, e.abs().max().item() if e.numel() else 1.0)
+        assert _err(o, e) <= tol, f"{name}: err {_err(o, e):.3e}"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,N,r,dropout", [(64, 96, 160, 8, 0.0), (21, 53, 77, 16, 0.2)])
+def test_low_precision_as_accurate_as_eager(backend, device, dtype, M, K, N, r, dropout):
+    x, W, b, A, B, mask, keep = _inputs(M, K, N, r, dtype, device, True, dropout)
+    s = 0.5
+    out, g = _run(backend, x, W, b, A, B, s, mask, keep)
+    # Errors against the exact (fp64) math of the low-precision inputs; xa for the backward's
+    # reference is the exact one too, so the kernel's own xa rounding counts against it.
+    f = lambda t: None if t is None else t.double()
+    y64, xa64 = reference.lora_linear_fwd(f(x), f(W), f(b), f(A), f(B), s, mask, keep)
+    ref = (y64, xa64) + reference.lora_linear_bwd(f(g), f(x), f(W), f(A), f(B), xa64, s, mask, keep)
+    eager = _eager(x, W, b, A, B, s, mask, keep, g)
+    eps = torch.finfo(dtype).eps
+    for name, o, e, ea in zip(NAMES, out, ref, eager, strict=True):
+        assert o.dtype == dtype and o.shape == e.shape, name
+        floor = 4 * eps * e.abs().max().item()
+        assert _err(o, e) <= 2 * _err(ea, e) + floor, (
+            f"{name}: kernel err {_err(o, e):.3e}, eager err {_err(ea, e):.3e}, floor {floor:.1e}"
+        )
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+def test_compute_dx_false_returns_empty_dx(backend, device):
+    x, W, b, A, B, mask, keep = _inputs(12, 20, 24, 4, torch.float64, device, True, 0.3)
+    dx, dA, dB = torch.ops.gslora.lora_linear_bwd(
+        torch.randn(12, 24, dtype=torch.float64, device=device), x, W, A, B,
+        torch.randn(12, 4, dtype=torch.float64, device=device), 0.5, mask, keep, False,
+    )
+    assert dx.numel() == 0 and dx.dtype == x.dtype and dx.device == x.device
+    assert dA.shape == A.shape and dB.shape == B.shape
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_functional_3d_noncontiguous_and_gradients(backend, device):
+    K, N, r = 24, 40, 6
+    base = torch.randn(2, K, 7, 3, dtype=torch.float64, device=device)
+    x = base[..., 1].transpose(1, 2)  # [2, 7, K], non-contiguous
+    assert not x.is_contiguous()
+    W = torch.randn(N, K, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(N, dtype=torch.float64, device=device, requires_grad=True)
+    A = torch.randn(r, K, dtype=torch.float64, device=device, requires_grad=True)
+    B = torch.randn(N, r, dtype=torch.float64, device=device, requires_grad=True)
+    xg = x.detach().clone().requires_grad_(True)
+    y = functional.lora_linear(xg, W, b, A, B, 0.25, backend=backend)
+    assert y.shape == (2, 7, N)
+    leaves = (xg, W, b, A, B)
+    grads = torch.autograd.grad((y * y).sum(), leaves)
+    xr = x.detach().clone().requires_grad_(True)
+    yr = reference.lora_linear(xr, W, b, A, B, 0.25)
+    grads_r = torch.autograd.grad((yr * yr).sum(), (xr, W, b, A, B))
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    for name, a, e in zip(("x", "W", "b", "A", "B"), grads, grads_r, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_gradcheck(backend, device):
+    opts = {"dtype": torch.float64, "device": device, "requires_grad": True}
+    x, W, b = torch.randn(4, 3, 6, **opts), torch.randn(5, 6, **opts), torch.randn(5, **opts)
+    A, B = torch.randn(3, 6, **opts), torch.randn(5, 3, **opts)
+    fn = lambda *t: functional.lora_linear(*t, 0.7, backend=backend)
+    assert torch.autograd.gradcheck(fn, (x, W, b, A, B))
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+def test_functional_dropout_matches_torch_backend(backend, device):
+    x = torch.randn(3, 9, 16, dtype=torch.float64, device=device)
+    layer = gslora.GSLoRALinear(16, 20, r=4, lora_alpha=2.0, lora_dropout=0.4,
+                                dtype=torch.float64, device=device)
+    nn.init.normal_(layer.lora_B)
+    outs = []
+    for be in (backend, "torch"):
+        layer.backend = be
+        layer.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        torch.manual_seed(123)  # same dropout mask for both backends
+        y = layer.train()(xg)
+        y.pow(2).sum().backward()
+        outs.append((y.detach(), xg.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+    for a, e in zip(*outs, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+def test_matches_peft_lora_layer(backend, device):
+    peft = pytest.importorskip("peft")
+    base = nn.Sequential(nn.Linear(24, 36)).to(device)
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0"], lora_dropout=0.0)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+    plin = pm.base_model.model[0]
+    nn.init.normal_(plin.lora_B["default"].weight)
+    ours = gslora.GSLoRALinear.from_linear(copy.deepcopy(base[0]), r=8, lora_alpha=16, backend=backend)
+    with torch.no_grad():
+        ours.lora_A.copy_(plin.lora_A["default"].weight)
+        ours.lora_B.copy_(plin.lora_B["default"].weight)
+    x = torch.randn(2, 5, 24, device=device)
+    y_p, y_o = plin(x), ours(x)
+    torch.testing.assert_close(y_o, y_p, rtol=1e-5, atol=1e-5)
+    y_p.square().sum().backward()
+    y_o.square().sum().backward()
+    torch.testing.assert_close(ours.lora_A.grad, plin.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.lora_B.grad, plin.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+def test_opcheck(backend, device):
+    opts = {"dtype": torch.float64, "device": device}
+    x, W, b = torch.randn(6, 8, **opts), torch.randn(10, 8, **opts), torch.randn(10, **opts)
+    A, B = torch.randn(3, 8, **opts), torch.randn(10, 3, **opts)
+    mask = torch.rand(6, 8, device=device) > 0.3
+    for args in ((x, W, b, A, B, 0.5, None, 1.0), (x, W, None, A, B, 0.5, mask, 1.5)):
+        torch.library.opcheck(torch.ops.gslora.lora_linear_fwd.default, args)
+    xa = torch.randn(6, 3, **opts)
+    g = torch.randn(6, 10, **opts)
+    for m, cdx in ((None, True), (mask, True), (mask, False)):
+        torch.library.opcheck(torch.ops.gslora.lora_linear_bwd.default,
+                              (g, x, W, A, B, xa, 0.5, m, 1.5, cdx))
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+def test_torch_compile_fullgraph_matches_eager(backend, device):
+    torch._dynamo.reset()
+    model = nn.Sequential(
+        gslora.GSLoRALinear(16, 32, r=4, lora_alpha=4.0, backend=backend),
+        nn.GELU(),
+        gslora.GSLoRALinear(32, 8, r=2, lora_alpha=2.0, backend=backend),
+    ).to(device)
+    for m in model:
+        if isinstance(m, gslora.GSLoRALinear):
+            nn.init.normal_(m.lora_B)
+    compiled = torch.compile(copy.deepcopy(model), fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 5, 16, device=device)
+    y_e, y_c = model(x), compiled(x)
+    torch.testing.assert_close(y_c, y_e, rtol=1e-6, atol=1e-6)
+    y_e.square().sum().backward()
+    y_c.square().sum().backward()
+    for (name, p_e), p_c in zip(model.named_parameters(), compiled.parameters(), strict=True):
+        if p_e.requires_grad:
+            torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+def test_bad_inputs_name_the_argument(backend, device):
+    opts = {"dtype": torch.float32, "device": device}
+    x, W, b = torch.randn(4, 8, **opts), torch.randn(10, 8, **opts), torch.randn(10, **opts)
+    A, B = torch.randn(3, 8, **opts), torch.randn(10, 3, **opts)
+    fwd = torch.ops.gslora.lora_linear_fwd
+    cases = [
+        ((x, W, b, A, torch.randn(10, 4, **opts), 1.0, None, 1.0), "lora_B"),
+        ((x, W, b, torch.randn(3, 7, **opts), B, 1.0, None, 1.0), "lora_A"),
+        ((x, torch.randn(10, 9, **opts), b, A, B, 1.0, None, 1.0), "weight"),
+        ((x, W, torch.randn(11, **opts), A, B, 1.0, None, 1.0), "bias"),
+        ((x.double(), W, b, A, B, 1.0, None, 1.0), "dtype"),
+        ((x.reshape(2, 2, 8), W, b, A, B, 1.0, None, 1.0), "x must be 2-D"),
+        ((x, W, b, A, B, 1.0, torch.ones(4, 8, **opts), 1.0), "mask"),
+        ((x, W, b, A, B, 1.0, torch.ones(4, 7, dtype=torch.bool, device=device), 1.0), "mask"),
+        ((x.int(), W, b, A, B, 1.0, None, 1.0), "x must be float"),
+    ]
+    for args, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            fwd(*args)
+    g, xa = torch.randn(4, 10, **opts), torch.randn(4, 3, **opts)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        torch.ops.gslora.lora_linear_bwd(g[:, :9], x, W, A, B, xa, 1.0, None, 1.0, True)
+    with pytest.raises(RuntimeError, match="xa"):
+        torch.ops.gslora.lora_linear_bwd(g, x, W, A, B, xa[:, :2], 1.0, None, 1.0, True)
+
+
+def test_layer_argument_validation():
+    with pytest.raises(ValueError, match="r"):
+        gslora.GSLoRALinear(4, 4, r=0)
+    with pytest.raises(ValueError, match="lora_alpha"):
+        gslora.GSLoRALinear(4, 4, r=2, lora_alpha=0)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        gslora.GSLoRALinear(4, 4, r=2, lora_dropout=1.0)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        gslora.GSLoRALinear(4, 4, r=2, lora_dropout=-0.1)
