@@ -1,0 +1,149 @@
+"""Group-sparsity kernels (backends "cpu", "torch" and, on a GPU, "cuda") against gslora.reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gslora import functional, reference
+from gslora._ext import load_error
+from gslora.backends import get_backend
+
+BACKENDS = [("cpu", "cpu"), ("torch", "cpu")]
+if torch.cuda.is_available():
+    BACKENDS += [("cuda", "cuda"), ("torch", "cuda")]
+COMPILED = [b for b in BACKENDS if b[0] != "torch"]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _require_extension():
+    assert load_error() is None, load_error()
+
+
+def _groups(dtype, device, seed=0):
+    """Odd-sized tensors of 5 unequal groups, scattered in the list: group 3 is all zeros, group
+    1 has no tensors at all, one tensor is non-contiguous and one is large (several chunks)."""
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device, dtype)
+    tensors = [mk(7, 3), mk(13), torch.zeros(5, 2, dtype=dtype, device=device), mk(1),
+               mk(11, 9).t(), mk(3, 17001), torch.zeros(3, dtype=dtype, device=device), mk(2, 2)]
+    ids = [0, 2, 3, 4, 0, 2, 3, 4]
+    assert not tensors[4].is_contiguous()
+    return tensors, ids, 5
+
+
+def _tol(dtype):
+    return {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_sq_norms(backend, device, dtype):
+    tensors, ids, G = _groups(dtype, device)
+    out = get_backend(backend).group_sq_norms(tensors, ids, G)
+    exp = reference.group_sq_norms([t.double() for t in tensors], ids, G)
+    assert out.shape == (G,) and out.dtype == reference.accumulate_dtype(dtype)
+    assert out.device.type == device
+    torch.testing.assert_close(out.double(), exp, rtol=_tol(dtype), atol=0)
+    assert out[1].item() == 0 and out[3].item() == 0
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_scale(backend, device, dtype):
+    tensors, ids, G = _groups(dtype, device)
+    acc = reference.accumulate_dtype(dtype)
+    coeffs = torch.tensor([0.5, 3.0, -2.0, 7.0, 0.0], dtype=acc, device=device)
+    before = [t.clone() for t in tensors]
+    outs = get_backend(backend).group_scale(tensors, ids, coeffs)
+    exp = reference.group_scale(tensors, ids, coeffs)
+    for i, (o, e, t, b) in enumerate(zip(outs, exp, tensors, before, strict=True)):
+        assert o.shape == t.shape and o.dtype == dtype, i
+        torch.testing.assert_close(o, e, rtol=0, atol=0, msg=f"tensors[{i}]")
+        assert torch.equal(t, b), "group_scale must not modify its inputs"
+    assert all((o == 0).all() for o, g in zip(outs, ids, strict=True) if g == 4)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_prox_in_place(backend, device, dtype):
+    tensors, ids, G = _groups(dtype, device)
+    norms64 = reference.group_norms([t.double() for t in tensors], ids, G)
+    acc = reference.accumulate_dtype(dtype)
+    # group 0 shrinks, group 2 falls under its threshold (exact zeros), zero groups stay zero,
+    # group 4 has threshold 0 (unchanged).
+    lam = torch.tensor([0.3 * norms64[0].item(), 1.0, 1.05 * norms64[2].item(), 0.5, 0.0],
+                       dtype=acc, device=device)
+    expected = [t.clone() for t in tensors]
+    exp_norms = reference.group_prox_(expected, ids, G, lam)
+    storage = [t.data_ptr() for t in tensors]
+    norms = get_backend(backend).group_prox_(tensors, ids, G, lam)
+    assert [t.data_ptr() for t in tensors] == storage, "prox must update the given tensors"
+    torch.testing.assert_close(norms.double(), exp_norms.double(), rtol=_tol(dtype), atol=0)
+    for i, (t, e) in enumerate(zip(tensors, expected, strict=True)):
+        assert not torch.isnan(t).any(), i
+        # One rounding of the same product: equal up to one ulp of the dtype.
+        eps = torch.finfo(dtype).eps if dtype != torch.float64 else 1e-13
+        torch.testing.assert_close(t, e, rtol=2 * eps, atol=0, msg=f"tensors[{i}]")
+        if ids[i] in (2, 3):
+            assert (t == 0).all(), f"tensors[{i}] must be exact zeros"
+    assert not tensors[4].is_contiguous()
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+def test_prox_keeps_zero_groups_and_never_nans(backend, device):
+    ts = [torch.zeros(4, device=device), torch.zeros(2, 3, device=device)]
+    norms = functional.group_prox_(ts, [0, 1], 2, 0.0, backend=backend)
+    assert torch.equal(norms, torch.zeros(2, device=device))
+    assert all((t == 0).all() for t in ts)
+    norms = functional.group_prox_(ts, [0, 1], 2, 1.0, backend=backend)
+    assert not torch.isnan(norms).any() and all((t == 0).all() for t in ts)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_penalty_gradcheck(backend, device):
+    opts = {"dtype": torch.float64, "device": device, "requires_grad": True}
+    ts = [torch.randn(3, 4, **opts), torch.randn(5, **opts), torch.randn(2, 2, **opts)]
+    w = torch.tensor([1.0, 2.5], dtype=torch.float64, device=device)
+    fn = lambda *t: functional.group_lasso_penalty(list(t), [1, 0, 1], 2, w, backend=backend)
+    assert torch.autograd.gradcheck(fn, tuple(ts))
+    torch.testing.assert_close(fn(*ts), reference.group_lasso_penalty(ts, [1, 0, 1], 2, w))
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_opcheck(backend, device, dtype):
+    tensors, ids, G = _groups(dtype, device)
+    tensors = [t.contiguous() for t in tensors[:5]]
+    ids, G = ids[:5], 5
+    acc = reference.accumulate_dtype(dtype)
+    torch.library.opcheck(torch.ops.gslora.group_sq_norms.default, (tensors, ids, G))
+    coeffs = torch.linspace(-1, 1, G, dtype=acc, device=device)
+    torch.library.opcheck(torch.ops.gslora.group_scale.default, (tensors, ids, coeffs))
+    lam = torch.full((G,), 0.5, dtype=acc, device=device)
+    torch.library.opcheck(torch.ops.gslora.group_prox_.default, (tensors, ids, G, lam))
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+def test_bad_inputs_name_the_argument(backend, device):
+    a, b = torch.randn(3, device=device), torch.randn(4, device=device)
+    lam = torch.zeros(2, device=device)
+    cases = [
+        (lambda: torch.ops.gslora.group_sq_norms([a, b], [0], 2), "group_ids"),
+        (lambda: torch.ops.gslora.group_sq_norms([a, b], [0, 2], 2), r"group_ids\[1\]"),
+        (lambda: torch.ops.gslora.group_sq_norms([a, b.double()], [0, 1], 2), r"tensors\[1\]"),
+        (lambda: torch.ops.gslora.group_sq_norms([a, b.int()], [0, 1], 2), r"tensors\[1\]"),
+        (lambda: torch.ops.gslora.group_prox_([a, b], [0, 1], 2, torch.zeros(3, device=device)),
+         "thresholds"),
+        (lambda: torch.ops.gslora.group_prox_([a, b], [0, 1], 2, -torch.ones(2, device=device)),
+         "thresholds"),
+        (lambda: torch.ops.gslora.group_scale([a, b], [0, 1], torch.zeros(2, 2, device=device)),
+         "coeffs"),
+        (lambda: torch.ops.gslora.group_prox_([a, b], [0, 1], 0, lam), "num_groups"),
+    ]
+    for fn, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            fn()
+    with pytest.raises(ValueError, match="tensors must not be empty"):
+        functional.group_sq_norms([], [], 1, backend=backend)
