@@ -196,7 +196,7 @@ def targets(d: Data, device: str = "cpu") -> list[tuple[str, str, str]]:
                if a and b and a.get("peak_bytes") is not None and b.get("peak_bytes") is not None]
         out.append(("LoRA linear peak memory ≤ PEFT's (fwd+bwd)",
                     f"{sum(a <= b for a, b in mem)}/{len(cases)} shapes; gslora/PEFT "
-                    + (f"{min(a / b for a, b in mem):.2f}–{max(a / b for a, b in mem):.2f}" if mem else "–"),
+                    + (_span([a / b for a, b in mem], 2) if mem else "–"),
                     _status(None if len(mem) < len(cases) else all(a <= b for a, b in mem))))
 
     # Issue 3: group sparsity.
