@@ -25,6 +25,8 @@ if INTERPRET:
     DEVICE = "cpu"
 elif os.environ.get("GSLORA_TEST_CUDA") == "1" and torch.cuda.is_available():
     DEVICE = "cuda"
+    # One config per kernel: autotuning every config for every test shape costs minutes.
+    os.environ.setdefault("GSLORA_TRITON_AUTOTUNE", "0")
 else:  # pragma: no cover - depends on the machine
     pytest.skip("needs TRITON_INTERPRET=1 or GSLORA_TEST_CUDA=1 with a GPU", allow_module_level=True)
 

@@ -32,6 +32,7 @@ interpreter's bf16 ``tl.dot`` is wrong).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -305,6 +306,12 @@ def _flags(dtype: torch.dtype) -> dict:
 def _launch(tuned, plain, interp_cfg: triton.Config, grid, *args, **constexprs) -> None:
     if INTERPRET:
         plain[grid](*args, **constexprs, **interp_cfg.kwargs)
+    elif os.environ.get("GSLORA_TRITON_AUTOTUNE", "1") == "0":
+        # First config only: no benchmarking of every config for every new shape (GPU tests,
+        # quick runs); the autotuned path is the default.
+        cfg = tuned.configs[0]
+        plain[grid](*args, **constexprs, **cfg.kwargs, num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages)
     else:
         tuned[grid](*args, **constexprs)
 
@@ -363,11 +370,16 @@ def lora_gemm(x: Tensor, w: tuple[Tensor, int, int], n: int, p: Tensor,
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _num_splits(x: Tensor, programs_c: int, M: int) -> int:
     """How many M-splits the weight-gradient reduction uses: ~2 waves of programs on the GPU."""
     if INTERPRET or x.device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
     want = triton.cdiv(2 * sms, max(programs_c, 1))
     # At least 256 rows per split so each program amortises its accumulator store.
     return max(1, min(want, triton.cdiv(M, 256)))
