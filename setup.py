@@ -29,7 +29,15 @@ def _cuda_home() -> str | None:
     if os.environ.get("CUDA_HOME"):
         return os.environ["CUDA_HOME"]
     nvcc = shutil.which("nvcc")
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    if nvcc is None:
+        return None
+    home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    # nvcc on the PATH may be a wrapper script (e.g. /usr/local/bin/nvcc -> exec
+    # /usr/local/cuda/bin/nvcc): then its folder holds no toolkit; take the standard location.
+    if not os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        if os.path.exists("/usr/local/cuda/include/cuda_runtime.h"):
+            return "/usr/local/cuda"
+    return home
 
 
 def _want_cuda() -> tuple[bool, str]:
