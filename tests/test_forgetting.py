@@ -158,24 +158,24 @@ def test_config_errors():
 
 # ---------------------------------------------------------------- the loop
 def _cfg(**kw):
-    base = dict(steps=40, batch_size=16, lr=1e-2, alpha=0.02, warmup=0.25, beta=0.3,
+    base = dict(steps=60, batch_size=16, lr=1e-2, alpha=5.0, warmup=0.2, beta=0.3, bnd=4.0,
                 replay_ratio=0.5, ckpt_every=10)
     return ForgetConfig(**{**base, **kw})
 
 
-def test_gslora_forgets_keeps_and_sparsifies(synth, pretrained, tmp_path):
+def test_gslora_forgets_and_keeps(synth, pretrained, tmp_path):
     model = ViT(SMALL)
     model.load_state_dict(pretrained.state_dict())
     tasks = [[1], [4]]
-    run = ContinualForgetting(model, synth[0], synth[1], tasks, _cfg(alpha=2.0), run_dir=tmp_path,
+    run = ContinualForgetting(model, synth[0], synth[1], tasks, _cfg(), run_dir=tmp_path,
                               progress=False, log=lambda s: None)
     results = run.run()
     assert len(results) == 2
     for r in results:
         assert r["acc_f"] <= 10.0, r
-        assert r["acc_r"] >= r["acc_r_pretrained"] - 15.0, r
+        assert r["acc_r"] >= r["acc_r_pretrained"] - 12.0, r
         assert r["drop"] == pytest.approx(r["acc_f_before"] - r["acc_f"])
-        assert r["zero_groups"] >= 1 and r["num_groups"] == 2
+        assert r["num_groups"] == 2 and len(r["group_norms"]) == 2
         assert sum(1 for n in r["group_norms"] if n == 0.0) == r["zero_groups"]
         assert 0 < r["trainable_ratio"] < 0.5
     assert results[1]["acc_o"] <= 20.0
@@ -186,6 +186,22 @@ def test_gslora_forgets_keeps_and_sparsifies(synth, pretrained, tmp_path):
     assert len(state["results"]) == 2 and (tmp_path / state["model_file"]).is_file()
     assert (tmp_path / "adapter_task2.safetensors").is_file()
     assert not list(tmp_path.glob("*.step.pt")) and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("sparsity", ["prox", "penalty"])
+def test_prox_gives_exact_zeros_penalty_does_not(synth, pretrained, sparsity):
+    # A strong α: the prox zeroes every group exactly (the merge then leaves the model as it
+    # was); the paper's penalty at the same α only shrinks the groups.
+    model = ViT(SMALL)
+    model.load_state_dict(pretrained.state_dict())
+    cfg = _cfg(alpha=100.0, steps=30, sparsity=sparsity)
+    r = ContinualForgetting(model, synth[0], synth[1], [[2]], cfg, progress=False,
+                            log=lambda s: None).run()[0]
+    if sparsity == "prox":
+        assert r["zero_groups"] == r["num_groups"] == 2
+        torch.testing.assert_close(model.state_dict(), pretrained.state_dict(), rtol=0, atol=0)
+    else:
+        assert r["zero_groups"] == 0 and all(n > 0 for n in r["group_norms"])
 
 
 def test_resume_after_task_and_mid_task(synth, pretrained, tmp_path):
@@ -259,19 +275,18 @@ def test_corrupt_checkpoint_is_a_clear_error(synth, pretrained, tmp_path):
                             progress=False, log=lambda s: None).run()
 
 
-@pytest.mark.parametrize("method", ["lora", "full", "penalty"])
-def test_baselines_and_penalty_mode(synth, pretrained, method):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_baselines(synth, pretrained, method):
     model = ViT(SMALL)
     model.load_state_dict(pretrained.state_dict())
-    cfg = _cfg(method="gslora" if method == "penalty" else method, sparsity="penalty",
-               full_lr=1e-3, alpha=0.01)
+    cfg = _cfg(method=method, full_lr=1e-3)
     r = ContinualForgetting(model, synth[0], synth[1], [[2]], cfg, progress=False,
                             log=lambda s: None).run()[0]
     assert r["acc_f"] <= 10.0, r
     if method == "full":
         assert r["zero_groups"] is None and r["trainable_ratio"] > 0.5
     else:
-        # No prox: groups shrink at most, none is exactly zero.
+        # No group sparsity: norms are recorded, none is zero.
         assert r["zero_groups"] == 0 and all(n > 0 for n in r["group_norms"])
 
 
@@ -298,13 +313,19 @@ def test_prototype_terms_run(synth, pretrained):
     model.load_state_dict(pretrained.state_dict())
     r = ContinualForgetting(model, synth[0], synth[1], [[3]], _cfg(pro_f=0.5, pro_r=0.1, steps=20),
                             progress=False, log=lambda s: None).run()[0]
-    assert r["acc_f"] <= 20.0
+    model2 = ViT(SMALL)
+    model2.load_state_dict(pretrained.state_dict())
+    r0 = ContinualForgetting(model2, synth[0], synth[1], [[3]], _cfg(steps=20), progress=False,
+                             log=lambda s: None).run()[0]
+    assert r["acc_f"] < r["acc_f_before"]
+    # The prototype terms change the training (same seed, same batches otherwise).
+    assert r["group_norms"] != r0["group_norms"]
 
 
 def test_report_table_and_plots(synth, pretrained, tmp_path):
     model = ViT(SMALL)
     model.load_state_dict(pretrained.state_dict())
-    res = ContinualForgetting(model, synth[0], synth[1], [[1], [2]], _cfg(steps=10, alpha=2.0),
+    res = ContinualForgetting(model, synth[0], synth[1], [[1], [2]], _cfg(steps=10),
                               progress=False, log=lambda s: None).run()
     table = format_table({"gslora": res}, 90.0)
     assert "Acc_r" in table and "H-Mean" in table and "2: -2" in table

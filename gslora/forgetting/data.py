@@ -100,7 +100,7 @@ def _synthetic(split: str, num_classes: int = 6, per_class: int = 40, size: int 
     templates = torch.randn(num_classes, 1, size, size, generator=g)
     g.manual_seed(1 if split == "train" else 2)
     y = torch.arange(num_classes).repeat_interleave(per_class)
-    x = templates[y] + 0.8 * torch.randn(len(y), 1, size, size, generator=g)
+    x = templates[y] + 0.6 * torch.randn(len(y), 1, size, size, generator=g)
     return TensorImageDataset(x, y, [f"c{i}" for i in range(num_classes)])
 
 

@@ -82,6 +82,13 @@ class ForgetConfig:
             (α·Σ_g‖θ_g‖ added to the loss, the authors' code: groups only shrink).
         alpha: group-lasso strength α after warm-up. warmup: fraction of the task's steps with
             α = 0 (METHOD.md's "first N epochs", expressed relative to the task length).
+        target_zero_groups: prox only. None: α fixed after warm-up (the paper's schedule).
+            An integer k: α starts at ``alpha`` after warm-up and is steered (×1.05 per step up,
+            ÷1.05 down) until k groups are exactly zero (negative k: all groups but |k|).
+            Why: under AdamW every coordinate moves by ~lr per step whatever its gradient scale,
+            so the prox threshold lr·α acts like a cliff — below some α no group dies, slightly
+            above it every group does; steering α finds the point where only the groups the
+            task needs survive (measured in the README).
         beta: weight β of the bounded forget loss. bnd: its bound (None: :func:`default_bnd`
             of the head's logit scale, ``bnd_ratio``·2s).
         steps: optimizer steps per task. epochs: if set, overrides ``steps`` with
@@ -90,6 +97,8 @@ class ForgetConfig:
         lr, lr_min: AdamW learning rate, cosine-annealed to lr_min within a task.
         full_lr: learning rate for the ``full`` baseline (None: lr).
         weight_decay: AdamW weight decay.
+        optimizer: "adamw" (the authors) or "sgd" (momentum 0.9): with SGD the prox step is
+            exact proximal gradient, so a group survives only if its loss gradient outweighs α.
         replay_ratio / replay_shots: replay subset of remaining classes: a fraction of each
             class, or a few-shot count per class (set one; shots wins when both are set).
         pro_f, pro_r, bnd_pro: GS-LoRA++ prototype terms (0 disables).
@@ -105,6 +114,7 @@ class ForgetConfig:
     sparsity: str = "prox"
     alpha: float = 0.01
     warmup: float = 0.3
+    target_zero_groups: int | None = None
     beta: float = 0.2
     bnd: float | None = None
     bnd_ratio: float = 0.85
@@ -115,6 +125,7 @@ class ForgetConfig:
     lr_min: float = 1e-5
     full_lr: float | None = None
     weight_decay: float = 0.05
+    optimizer: str = "adamw"
     replay_ratio: float | None = 0.1
     replay_shots: int | None = None
     pro_f: float = 0.0
@@ -129,6 +140,8 @@ class ForgetConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ForgetError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ForgetError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.sparsity not in ("prox", "penalty"):
             raise ForgetError(f"sparsity must be 'prox' or 'penalty', got {self.sparsity!r}")
         for name in ("r", "steps", "batch_size", "eval_batch_size"):
@@ -150,6 +163,13 @@ class ForgetConfig:
             raise ForgetError(f"epochs must be a number > 0 (or null to use steps), got {self.epochs!r}")
         if not 0.0 <= self.warmup < 1.0:
             raise ForgetError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
+        if self.target_zero_groups is not None:
+            if not isinstance(self.target_zero_groups, int) or isinstance(self.target_zero_groups, bool):
+                raise ForgetError(f"target_zero_groups must be an integer or null, got {self.target_zero_groups!r}")
+            if self.sparsity != "prox":
+                raise ForgetError("target_zero_groups needs sparsity 'prox' (it counts exact zeros)")
+            if self.alpha <= 0:
+                raise ForgetError("target_zero_groups needs alpha > 0 (the starting strength)")
         if self.bnd is not None and not (math.isfinite(self.bnd) and self.bnd > 0):
             raise ForgetError(f"bnd must be > 0 (or null for the default), got {self.bnd!r}")
         if not 0 < self.bnd_ratio <= 1:
@@ -342,7 +362,7 @@ def train_task(
     """
     from tqdm.auto import tqdm
 
-    from ..sparsity import ProxOptimizer, SparsityWarmup
+    from ..sparsity import AdaptiveSparsity, ProxOptimizer, SparsityWarmup
 
     if len(forget_idx) == 0:
         raise ForgetError("the forget set has no training samples")
@@ -355,10 +375,19 @@ def train_task(
     if not named:
         raise ForgetError("the model has no trainable parameters")
     lr = config.full_lr if (config.method == "full" and config.full_lr) else config.lr
-    inner = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        inner = torch.optim.SGD([p for _, p in named], lr=lr, momentum=0.9,
+                                weight_decay=config.weight_decay)
+    else:
+        inner = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=config.weight_decay)
     warmup_steps = int(round(config.warmup * total))
-    schedule = SparsityWarmup(config.alpha if sparsity is not None else 0.0, warmup_steps)
     use_prox = sparsity is not None and config.sparsity == "prox"
+    if use_prox and config.target_zero_groups is not None:
+        k = config.target_zero_groups
+        k = max(0, sparsity.num_groups + k) if k < 0 else min(k, sparsity.num_groups)
+        schedule = AdaptiveSparsity(config.alpha, k, warmup_steps, growth=1.05, interval=1)
+    else:
+        schedule = SparsityWarmup(config.alpha if sparsity is not None else 0.0, warmup_steps)
     opt = ProxOptimizer(inner, sparsity, schedule) if use_prox else inner
     start = 0
     if ckpt_path is not None and ckpt_path.is_file():
@@ -420,6 +449,7 @@ def train_task(
             _atomic_write(ckpt_path, lambda tmp, ck=ck: torch.save(ck, tmp))
     bar.close()
     stats["train_s"] = time.perf_counter() - t0
+    stats["final_alpha"] = float(schedule.alpha)
     stats["steps_run"] = total - start
     return stats
 
