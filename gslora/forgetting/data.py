@@ -43,7 +43,8 @@ FASHION_MNIST_DIR = Path(os.environ.get("GSLORA_FASHION_MNIST_DIR", "/usr/share/
 
 
 class DatasetUnavailable(RuntimeError):
-    """A built-in dataset's files or package are not installed; the message says how to get them."""
+    """A built-in dataset is unknown, or its files or package are not installed; the message
+    says how to get them."""
 
 
 class TensorImageDataset(TensorDataset):
@@ -111,7 +112,7 @@ def load_dataset(name: str, split: str) -> TensorImageDataset:
     """A built-in dataset: ``name`` in {"fashion-mnist", "digits", "synthetic"}, ``split`` in
     {"train", "test"}. Raises :class:`DatasetUnavailable` if its files are not installed."""
     if name not in _LOADERS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(_LOADERS)}")
+        raise DatasetUnavailable(f"unknown dataset {name!r}; choose one of {', '.join(_LOADERS)}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     return _LOADERS[name](split)
