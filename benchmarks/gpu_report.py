@@ -64,14 +64,14 @@ def roofline_s(flops: float, nbytes: float, gpu: str) -> float:
 
 
 def print_resources(archs: list[int], jobs: int, records: list[dict]) -> None:
-    print("== Kernel resources (ahead-of-time compile, bf16) ==")
+    print("== Kernel resources (ahead-of-time compile; bf16 tensor-core and fp32 FMA variants) ==")
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("skipped: TRITON_INTERPRET=1 is set (unset it to compile for GPU targets)")
         return
     try:
         from gslora.kernels import aot
 
-        results = aot.run(archs, ["bf16"], jobs)
+        results = aot.run(archs, aot.DEFAULT_VARIANTS, jobs)
     except Exception as exc:
         print(f"AOT compile failed: {type(exc).__name__}: {exc}")
         return

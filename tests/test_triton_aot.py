@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of every Triton kernel and autotune config for sm_80 and sm_90.
+"""Ahead-of-time compile of every Triton kernel and autotune config for sm_80 and sm_90 (bf16 and fp32).
 
 No GPU needed: ``gslora.kernels.aot`` compiles each kernel x config x target to cubin in a
 subprocess (conftest sets TRITON_INTERPRET=1 for this process, which turns the kernels into
@@ -45,7 +45,8 @@ def test_every_kernel_and_config_compiled(aot_results):
         "_lora_proj_kernel", "_lora_gemm_kernel", "_lora_wgrad_kernel",
         "_group_sq_norms_kernel", "_group_prox_kernel", "_group_scale_kernel",
     }
-    assert len(aot_results) == len(aot.jobs([80, 90], ["bf16"]))
+    assert len(aot_results) == len(aot.jobs([80, 90], aot.DEFAULT_VARIANTS))
+    assert {r["variant"] for r in aot_results} == set(aot.DEFAULT_VARIANTS)
     assert {r["arch"] for r in aot_results} == {80, 90}
     failed = [f"{_label(r)}: {r['error']}" for r in aot_results if not r["ok"]]
     assert not failed, "\n".join(failed)
@@ -68,7 +69,8 @@ def test_matmul_kernels_use_tensor_cores(aot_results):
 
     missing = []
     for r in aot_results:
-        if not r["ok"] or r["kernel"] not in MATMUL_KERNELS:
+        # fp32 inputs use exact fp32 FMA products by design (no TF32), so no tensor cores there.
+        if not r["ok"] or r["kernel"] not in MATMUL_KERNELS or r["variant"] == "fp32":
             continue
         want = {"HMMA"} if r["arch"] == 80 else {"HMMA", "HGMMA"}
         if not want & set(r["mma"]):

@@ -28,6 +28,8 @@ from typing import Any
 # Dynamic shared memory per block available to a kernel.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 MATMUL_KERNELS = ("_lora_proj_kernel", "_lora_gemm_kernel", "_lora_wgrad_kernel")
+# Operand variants the AOT test covers: bf16 (tensor cores) and fp32 (exact FMA, no TF32).
+DEFAULT_VARIANTS = ["bf16", "fp32"]
 
 
 @dataclass
@@ -114,13 +116,18 @@ def _signatures(variant: str) -> dict[str, list[tuple[str, Any]]]:
     }
 
 
-def _kernels() -> dict[str, Any]:
+def _kernels(variant: str = "bf16") -> dict[str, Any]:
+    """Kernel name → (JITFunction, the autotune configs the launcher uses for this variant)."""
     from . import group, lora
 
+    fp32 = variant == "fp32"
     return {
-        "_lora_proj_kernel": (lora._lora_proj_kernel, lora.PROJ_CONFIGS),
-        "_lora_gemm_kernel": (lora._lora_gemm_kernel, lora.GEMM_CONFIGS),
-        "_lora_wgrad_kernel": (lora._lora_wgrad_kernel, lora.WGRAD_CONFIGS),
+        "_lora_proj_kernel": (lora._lora_proj_kernel,
+                              lora.PROJ_CONFIGS_FP32 if fp32 else lora.PROJ_CONFIGS),
+        "_lora_gemm_kernel": (lora._lora_gemm_kernel,
+                              lora.GEMM_CONFIGS_FP32 if fp32 else lora.GEMM_CONFIGS),
+        "_lora_wgrad_kernel": (lora._lora_wgrad_kernel,
+                               lora.WGRAD_CONFIGS_FP32 if fp32 else lora.WGRAD_CONFIGS),
         "_group_sq_norms_kernel": (group._group_sq_norms_kernel, [None]),
         "_group_prox_kernel": (group._group_prox_kernel, [None]),
         "_group_scale_kernel": (group._group_scale_kernel, [None]),
@@ -128,13 +135,16 @@ def _kernels() -> dict[str, Any]:
 
 
 def jobs(archs: list[int], variants: list[str]) -> list[Job]:
-    """Every kernel × autotune config × target (× dtype variant for the matmul kernels)."""
+    """Every kernel × autotune config × target (× dtype variant for the matmul kernels).
+
+    The group kernels have no matmul and one config; they are compiled for the first variant.
+    """
     from . import group
 
     out = []
-    for name, (_, configs) in _kernels().items():
+    for name in _kernels():
         for variant in variants if name in MATMUL_KERNELS else variants[:1]:
-            for cfg in configs:
+            for cfg in _kernels(variant)[name][1]:
                 if cfg is None:
                     block = group.NORM_BLOCK if "scale" not in name else group.SCALE_BLOCK
                     meta, warps, stages = {"BLOCK": block}, group.GROUP_NUM_WARPS, 2
@@ -159,7 +169,7 @@ def compile_job(job: Job) -> Result:
     res = Result(job.kernel, job.variant, job.config, job.num_warps, job.num_stages, job.arch,
                  shared_limit=SHARED_LIMIT.get(job.arch, 0))
     try:
-        fn, _ = _kernels()[job.kernel]
+        fn, _ = _kernels(job.variant)[job.kernel]
         if not isinstance(fn, triton.runtime.JITFunction):
             raise RuntimeError(f"{job.kernel} is {type(fn).__name__}, not a JITFunction: "
                                "unset TRITON_INTERPRET")
@@ -223,7 +233,7 @@ def run(archs: list[int], variants: list[str], processes: int = 2) -> list[Resul
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    parser.add_argument("--variants", nargs="+", default=["bf16"],
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                         choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="one JSON object per line")

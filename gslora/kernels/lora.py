@@ -71,6 +71,21 @@ WGRAD_CONFIGS = [
     _cfg(4, 4, BLOCK_M=32, BLOCK_C=128),
     _cfg(4, 4, BLOCK_M=64, BLOCK_C=64),
 ]
+# fp32 inputs run exact fp32 FMA products (no tensor cores): smaller tiles, 4-byte operands.
+# The 16-bit configs above spill and exceed sm_80's shared memory in fp32 (AOT compile).
+GEMM_CONFIGS_FP32 = [
+    _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+]
+PROJ_CONFIGS_FP32 = [
+    _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),
+    _cfg(4, 3, BLOCK_M=32, BLOCK_K=64),
+]
+WGRAD_CONFIGS_FP32 = [
+    _cfg(4, 3, BLOCK_M=32, BLOCK_C=64),
+    _cfg(4, 3, BLOCK_M=32, BLOCK_C=128),
+]
 INTERPRET_GEMM = _cfg(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
 INTERPRET_PROJ = _cfg(4, 1, BLOCK_M=64, BLOCK_K=64)
 INTERPRET_WGRAD = _cfg(4, 1, BLOCK_M=64, BLOCK_C=64)
@@ -91,7 +106,11 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if IEEE:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        # Blocked summation: each K-block's product starts from zero and is added to the running
+        # sum once. A single FMA chain over all of K (tl.dot with acc) made fp32 errors grow with
+        # K: on an H200, K = 1000-1531 gave 3-8x the error of cuBLAS fp32; this bounds the chain
+        # at BLOCK_K + K/BLOCK_K additions. (Tensor-core MMAs accumulate in place, unchanged.)
+        acc = acc + tl.dot(a, b, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc)
     return acc
@@ -277,14 +296,17 @@ def _lora_wgrad_kernel(
     tl.store(ws + rr[:, None] * C + rc64[None, :], acc, mask=col_ok[None, :])
 
 
-# Autotuned GPU variants. Keys: problem sizes and every constexpr that changes the code.
-_proj_tuned = triton.autotune(PROJ_CONFIGS, key=["M", "K", "R_PAD", "HAS_MASK"])(_lora_proj_kernel)
-_gemm_tuned = triton.autotune(GEMM_CONFIGS, key=["M", "N", "K", "R_PAD", "HAS_MASK"])(
-    _lora_gemm_kernel
-)
-_wgrad_tuned = triton.autotune(WGRAD_CONFIGS, key=["M", "C", "R_PAD", "HAS_MASK", "P_FP32"])(
-    _lora_wgrad_kernel
-)
+# Autotuned GPU variants, one per operand class (16-bit: tensor cores; fp32: FMA). Keys: problem
+# sizes and every constexpr that changes the code.
+_PROJ_KEY = ["M", "K", "R_PAD", "HAS_MASK"]
+_GEMM_KEY = ["M", "N", "K", "R_PAD", "HAS_MASK"]
+_WGRAD_KEY = ["M", "C", "R_PAD", "HAS_MASK", "P_FP32"]
+_proj_tuned = triton.autotune(PROJ_CONFIGS, key=_PROJ_KEY)(_lora_proj_kernel)
+_gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_GEMM_KEY)(_lora_gemm_kernel)
+_wgrad_tuned = triton.autotune(WGRAD_CONFIGS, key=_WGRAD_KEY)(_lora_wgrad_kernel)
+_proj_tuned_fp32 = triton.autotune(PROJ_CONFIGS_FP32, key=_PROJ_KEY)(_lora_proj_kernel)
+_gemm_tuned_fp32 = triton.autotune(GEMM_CONFIGS_FP32, key=_GEMM_KEY)(_lora_gemm_kernel)
+_wgrad_tuned_fp32 = triton.autotune(WGRAD_CONFIGS_FP32, key=_WGRAD_KEY)(_lora_wgrad_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,6 +326,11 @@ def _flags(dtype: torch.dtype) -> dict:
 
 
 def _launch(tuned, plain, interp_cfg: triton.Config, grid, *args, **constexprs) -> None:
+    """Launch ``plain`` (interpreter, fixed config) or the autotuned wrapper ``tuned``.
+
+    ``tuned`` is a pair (16-bit wrapper, fp32 wrapper), picked by the IEEE flag (fp32 inputs).
+    """
+    tuned = tuned[1] if constexprs.get("IEEE") else tuned[0]
     if INTERPRET:
         plain[grid](*args, **constexprs, **interp_cfg.kwargs)
     elif os.environ.get("GSLORA_TRITON_AUTOTUNE", "1") == "0":
@@ -333,7 +360,7 @@ def lora_proj(x: Tensor, a: tuple[Tensor, int, int], r: int, mask: Tensor | None
     m8 = _mask_u8(mask)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
     _launch(
-        _proj_tuned, _lora_proj_kernel, INTERPRET_PROJ, grid,
+        (_proj_tuned, _proj_tuned_fp32), _lora_proj_kernel, INTERPRET_PROJ, grid,
         x, a_t, m8 if m8 is not None else x, p,
         M, K, r,
         x.stride(0), x.stride(1), s_ar, s_ak,
@@ -357,7 +384,7 @@ def lora_gemm(x: Tensor, w: tuple[Tensor, int, int], n: int, p: Tensor,
     m8 = _mask_u8(mask)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _launch(
-        _gemm_tuned, _lora_gemm_kernel, INTERPRET_GEMM, grid,
+        (_gemm_tuned, _gemm_tuned_fp32), _lora_gemm_kernel, INTERPRET_GEMM, grid,
         x, w_t, p, v_t, bias if bias is not None else x, m8 if m8 is not None else x, out,
         M, n, K, r,
         x.stride(0), x.stride(1), s_wk, s_wn, s_vr, s_vn,
@@ -399,7 +426,7 @@ def lora_wgrad(p: Tensor, r: int, q: Tensor, mask: Tensor | None) -> Tensor:
     m8 = _mask_u8(mask)
     grid = lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), splits)
     _launch(
-        _wgrad_tuned, _lora_wgrad_kernel, INTERPRET_WGRAD, grid,
+        (_wgrad_tuned, _wgrad_tuned_fp32), _lora_wgrad_kernel, INTERPRET_WGRAD, grid,
         p, q, m8 if m8 is not None else q, ws,
         M, C, r, rows_per_split,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1),
