@@ -363,3 +363,23 @@ def test_torch_compile_traces_the_ops():
 
     compiled = torch.compile(f, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), f(x))
+
+
+def test_group_tables_cached_by_address_stay_correct():
+    # The launch tables are cached by tensor address and size: the same tensors regrouped, and
+    # new values in the same storage, must still give the reference answers.
+    tensors, ids, num_groups = _group_tensors(torch.float32)
+    for regroup in (ids, [5, 4, 3, 2, 1, 0, 0, 1], ids):
+        got = kernels.group_sq_norms(tensors, regroup, num_groups)
+        torch.testing.assert_close(got, reference.group_sq_norms(tensors, regroup, num_groups),
+                                   rtol=1e-5, atol=0)
+    for t in tensors:
+        t.mul_(-3.0)
+    got = kernels.group_sq_norms(tensors, ids, num_groups)
+    torch.testing.assert_close(got, reference.group_sq_norms(tensors, ids, num_groups),
+                               rtol=1e-5, atol=0)
+    coeffs = torch.linspace(-1, 1, num_groups, device=DEVICE)
+    for _ in range(2):
+        for a, b in zip(kernels.group_scale(tensors, ids, coeffs),
+                        reference.group_scale(tensors, ids, coeffs), strict=True):
+            assert torch.equal(a, b)

@@ -101,11 +101,11 @@ def _signatures(variant: str) -> dict[str, list[tuple[str, Any]]]:
         ],
         "_group_sq_norms_kernel": [
             ("base_ptr", p), ("offs_ptr", "*i64:16"), ("lens_ptr", "*i64:16"),
-            ("starts_ptr", "*i32:16"), ("out_ptr", "*fp32:16"), ("ACC_DT", tl.float32),
+            ("starts_ptr", "*i64:16"), ("out_ptr", "*fp32:16"), ("ACC_DT", tl.float32),
         ],
         "_group_prox_kernel": [
             ("base_ptr", p), ("offs_ptr", "*i64:16"), ("lens_ptr", "*i64:16"),
-            ("starts_ptr", "*i32:16"), ("thr_ptr", "*fp32:16"), ("norms_ptr", "*fp32:16"),
+            ("starts_ptr", "*i64:16"), ("thr_ptr", "*fp32:16"), ("norms_ptr", "*fp32:16"),
             ("ACC_DT", tl.float32), ("EMULATE_RNE", False),
         ],
         "_group_scale_kernel": [

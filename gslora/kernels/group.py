@@ -22,6 +22,7 @@ For sharded parameters (FSDP/TP) the prox must use globally reduced norms: call
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -42,8 +43,8 @@ def _group_sq_norms_kernel(base_ptr, offs_ptr, lens_ptr, starts_ptr, out_ptr,
                            ACC_DT: tl.constexpr, BLOCK: tl.constexpr):
     """out[g] = Σ over rows c of group g of Σ base[offs[c] + i]², i < lens[c]."""
     g = tl.program_id(0)
-    c0 = tl.load(starts_ptr + g)
-    c1 = tl.load(starts_ptr + g + 1)
+    c0 = tl.load(starts_ptr + g).to(tl.int32)
+    c1 = tl.load(starts_ptr + g + 1).to(tl.int32)
     acc = tl.zeros((BLOCK,), dtype=ACC_DT)
     for c in range(c0, c1):
         off = tl.load(offs_ptr + c)
@@ -60,8 +61,8 @@ def _group_prox_kernel(base_ptr, offs_ptr, lens_ptr, starts_ptr, thr_ptr, norms_
                        ACC_DT: tl.constexpr, EMULATE_RNE: tl.constexpr, BLOCK: tl.constexpr):
     """θ_g ← θ_g · max(0, 1 − λ_g/‖θ_g‖) in place; norms[g] = ‖θ_g‖ before the step."""
     g = tl.program_id(0)
-    c0 = tl.load(starts_ptr + g)
-    c1 = tl.load(starts_ptr + g + 1)
+    c0 = tl.load(starts_ptr + g).to(tl.int32)
+    c1 = tl.load(starts_ptr + g + 1).to(tl.int32)
     acc = tl.zeros((BLOCK,), dtype=ACC_DT)
     for c in range(c0, c1):
         off = tl.load(offs_ptr + c)
@@ -126,26 +127,48 @@ def _contiguous(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
+# Device copies of the tables, keyed by the tensors' addresses and sizes. Parameters keep their
+# storage across steps, so after the first step an op launches without any host→device copy
+# (a pageable copy also serialises the host with the GPU queue). The table holds only addresses
+# and sizes, so a key hit is correct whatever tensor now lives there. Bounded LRU.
+_TABLES: OrderedDict[tuple, Tensor] = OrderedDict()
+_TABLES_MAX = 64
+
+
+def _device_table(key: tuple, build, device: torch.device) -> Tensor:
+    table = _TABLES.get(key)
+    if table is None:
+        table = torch.tensor(build(), dtype=torch.int64).to(device, non_blocking=True)
+        _TABLES[key] = table
+        if len(_TABLES) > _TABLES_MAX:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return table
+
+
 def _group_table(work: list[Tensor], ids: list[int], num_groups: int):
-    """(base, offs int64, lens int64, starts int32 [G+1]) on the tensors' device, rows by group."""
+    """(base, offs int64, lens int64, starts int64 [G+1]) on the tensors' device, rows by group."""
     live = [(g, t) for g, t in zip(ids, work, strict=True) if t.numel() > 0]
     base = live[0][1] if live else work[0]
     live.sort(key=lambda gt: gt[0])  # stable: keeps the callers' order inside a group
-    offs = _rel_offsets([t for _, t in live], base)
-    lens = [t.numel() for _, t in live]
-    counts = [0] * num_groups
-    for g, _ in live:
-        counts[g] += 1
-    starts = [0]
-    for cnt in counts:
-        starts.append(starts[-1] + cnt)
-    dev = base.device
-    # One host→device copy for the whole table.
-    packed = torch.tensor(offs + lens + starts, dtype=torch.int64).to(dev, non_blocking=True)
-    n = len(offs)
-    offs_t, lens_t = packed[:n], packed[n:2 * n]
-    starts_t = packed[2 * n:].to(torch.int32)
-    return base, offs_t, lens_t, starts_t
+    n = len(live)
+
+    def build() -> list[int]:
+        offs = _rel_offsets([t for _, t in live], base)
+        lens = [t.numel() for _, t in live]
+        counts = [0] * num_groups
+        for g, _ in live:
+            counts[g] += 1
+        starts = [0]
+        for cnt in counts:
+            starts.append(starts[-1] + cnt)
+        return offs + lens + starts
+
+    key = ("groups", str(base.device), num_groups,
+           tuple((g, t.data_ptr(), t.numel()) for g, t in live))
+    packed = _device_table(key, build, base.device)
+    return base, packed[:n], packed[n:2 * n], packed[2 * n:]
 
 
 def group_sq_norms_impl(tensors: Sequence[Tensor], ids: list[int], num_groups: int) -> Tensor:
@@ -182,31 +205,41 @@ def group_prox_impl(tensors: Sequence[Tensor], ids: list[int], num_groups: int,
 
 def group_scale_impl(tensors: Sequence[Tensor], ids: list[int], coeffs: Tensor,
                      out: Sequence[Tensor] | None = None) -> list[Tensor]:
-    """out_i = θ_i · coeffs[g(i)] computed in coeffs.dtype (new tensors unless ``out`` given)."""
+    """out_i = θ_i · coeffs[g(i)] computed in coeffs.dtype, one launch.
+
+    Without ``out`` the results are fresh tensors (never views of one buffer: custom-op outputs
+    may not alias each other); with ``out`` they are written into those tensors.
+    """
     work = _contiguous([t.detach() for t in tensors])
+    coeffs = coeffs.contiguous()
+    live = [i for i, w in enumerate(work) if w.numel() > 0]
     if out is None:
         outs = [torch.empty_like(w) for w in work]
         targets = outs
     else:
         outs = list(out)
         targets = _contiguous(outs)
-    coeffs = coeffs.contiguous()
-    rows_in, rows_out, rows_len, rows_gid = [], [], [], []
-    live = [i for i, w in enumerate(work) if w.numel() > 0]
     if live:
         in_base, out_base = work[live[0]], targets[live[0]]
-        in_offs = _rel_offsets([work[i] for i in live], in_base)
-        out_offs = _rel_offsets([targets[i] for i in live], out_base)
-        for j, i in enumerate(live):
-            numel = work[i].numel()
-            for start in range(0, numel, SCALE_CHUNK):
-                rows_in.append(in_offs[j] + start)
-                rows_out.append(out_offs[j] + start)
-                rows_len.append(min(SCALE_CHUNK, numel - start))
-                rows_gid.append(ids[i])
-        n = len(rows_in)
-        packed = torch.tensor(rows_in + rows_out + rows_len + rows_gid, dtype=torch.int64)
-        packed = packed.to(in_base.device, non_blocking=True)
+        chunks = [(i, start) for i in live for start in range(0, work[i].numel(), SCALE_CHUNK)]
+        n = len(chunks)
+
+        def build() -> list[int]:
+            in_offs = dict(zip(live, _rel_offsets([work[i] for i in live], in_base), strict=True))
+            out_offs = dict(zip(live, _rel_offsets([targets[i] for i in live], out_base),
+                                strict=True))
+            rows_in = [in_offs[i] + st for i, st in chunks]
+            rows_out = [out_offs[i] + st for i, st in chunks]
+            rows_len = [min(SCALE_CHUNK, work[i].numel() - st) for i, st in chunks]
+            rows_gid = [ids[i] for i, _ in chunks]
+            return rows_in + rows_out + rows_len + rows_gid
+
+        # Output addresses are part of the key; in a training loop the caching allocator tends
+        # to hand out the same blocks every step, so the table is usually reused.
+        key = ("scale", str(in_base.device), tuple(ids),
+               tuple((w.data_ptr(), w.numel()) for w in work),
+               tuple(t.data_ptr() for t in targets))
+        packed = _device_table(key, build, in_base.device)
         _group_scale_kernel[(n,)](
             in_base, out_base, packed[:n], packed[n:2 * n], packed[2 * n:3 * n],
             packed[3 * n:], coeffs, EMULATE_RNE=_emulate_rne(in_base.dtype), BLOCK=SCALE_BLOCK,
