@@ -313,9 +313,15 @@ _wgrad_tuned_fp32 = triton.autotune(WGRAD_CONFIGS_FP32, key=_WGRAD_KEY)(_lora_wg
 # Launchers (no validation here; the public functions in gslora.kernels.ops validate)
 # --------------------------------------------------------------------------------------------
 
+# Plain-Python helpers: triton.cdiv / next_power_of_2 are constexpr functions in recent Triton
+# and cost ~10 µs per host call through their wrapper (profiled); launches call them often.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def r_pad(r: int) -> int:
     """LoRA rank padded to the MMA minimum (16) and a power of two (tl.arange needs one)."""
-    return max(16, triton.next_power_of_2(r))
+    return max(16, 1 << (r - 1).bit_length())
 
 
 def _flags(dtype: torch.dtype) -> dict:
@@ -358,7 +364,7 @@ def lora_proj(x: Tensor, a: tuple[Tensor, int, int], r: int, mask: Tensor | None
         return p
     a_t, s_ar, s_ak = a
     m8 = _mask_u8(mask)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
+    grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]),)
     _launch(
         (_proj_tuned, _proj_tuned_fp32), _lora_proj_kernel, INTERPRET_PROJ, grid,
         x, a_t, m8 if m8 is not None else x, p,
@@ -382,7 +388,7 @@ def lora_gemm(x: Tensor, w: tuple[Tensor, int, int], n: int, p: Tensor,
     w_t, s_wk, s_wn = w
     v_t, s_vr, s_vn = v
     m8 = _mask_u8(mask)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
     _launch(
         (_gemm_tuned, _gemm_tuned_fp32), _lora_gemm_kernel, INTERPRET_GEMM, grid,
         x, w_t, p, v_t, bias if bias is not None else x, m8 if m8 is not None else x, out,
@@ -407,9 +413,9 @@ def _num_splits(x: Tensor, programs_c: int, M: int) -> int:
     if INTERPRET or x.device.type != "cuda":
         return 1
     sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    want = triton.cdiv(2 * sms, max(programs_c, 1))
+    want = _cdiv(2 * sms, max(programs_c, 1))
     # At least 256 rows per split so each program amortises its accumulator store.
-    return max(1, min(want, triton.cdiv(M, 256)))
+    return max(1, min(want, _cdiv(M, 256)))
 
 
 def lora_wgrad(p: Tensor, r: int, q: Tensor, mask: Tensor | None) -> Tensor:
@@ -419,12 +425,12 @@ def lora_wgrad(p: Tensor, r: int, q: Tensor, mask: Tensor | None) -> Tensor:
     if M == 0 or C == 0:
         return torch.zeros((r, C), device=q.device, dtype=torch.float32)
     min_block_c = 64
-    splits = _num_splits(q, triton.cdiv(C, min_block_c), M)
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), 64) * 64
-    splits = triton.cdiv(M, rows_per_split)
+    splits = _num_splits(q, _cdiv(C, min_block_c), M)
+    rows_per_split = _cdiv(_cdiv(M, splits), 64) * 64
+    splits = _cdiv(M, rows_per_split)
     ws = torch.empty((splits, rp, C), device=q.device, dtype=torch.float32)
     m8 = _mask_u8(mask)
-    grid = lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), splits)
+    grid = lambda meta: (_cdiv(C, meta["BLOCK_C"]), splits)
     _launch(
         (_wgrad_tuned, _wgrad_tuned_fp32), _lora_wgrad_kernel, INTERPRET_WGRAD, grid,
         p, q, m8 if m8 is not None else q, ws,
