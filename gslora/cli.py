@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "forget": {"r": 8, "lora_alpha": 1.0, "target": "ffn", "group_by": "block",
                "sparsity": "prox", "alpha": 5.0, "warmup": 0.2, "target_zero_groups": None,
                "beta": 0.2, "bnd": None, "bnd_ratio": 0.85, "steps": 200, "epochs": None,
-               "batch_size": 64, "lr": 1e-2, "lr_min": 1e-5, "full_lr": None,
+               "batch_size": 64, "lr": 1e-2, "lr_min": 1e-5, "full_lr": 1e-3,
                "weight_decay": 0.05, "optimizer": "adamw", "replay_ratio": 0.1,
                "replay_shots": None, "pro_f": 0.0, "pro_r": 0.0, "bnd_pro": 1.0,
                "eval_batch_size": 500, "ckpt_every": 50, "seed": 0, "device": "cpu",
