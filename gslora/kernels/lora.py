@@ -74,7 +74,7 @@ WGRAD_CONFIGS = [
 # fp32 inputs run exact fp32 FMA products (no tensor cores): smaller tiles, 4-byte operands.
 # The 16-bit configs above spill and exceed sm_80's shared memory in fp32 (AOT compile).
 GEMM_CONFIGS_FP32 = [
-    _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
     _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
 ]
@@ -106,11 +106,7 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if IEEE:
-        # Blocked summation: each K-block's product starts from zero and is added to the running
-        # sum once. A single FMA chain over all of K (tl.dot with acc) made fp32 errors grow with
-        # K: on an H200, K = 1000-1531 gave 3-8x the error of cuBLAS fp32; this bounds the chain
-        # at BLOCK_K + K/BLOCK_K additions. (Tensor-core MMAs accumulate in place, unchanged.)
-        acc = acc + tl.dot(a, b, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc)
     return acc
@@ -135,6 +131,23 @@ def store_rounded(ptrs, val, mask, EMULATE_RNE: tl.constexpr):
         tl.store(ptrs, to_bf16_rne(val.to(tl.float32)), mask=mask)
     else:
         tl.store(ptrs, val.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _kahan_dot(a, b, acc, comp):
+    """(acc, comp) after adding the fp32 block product a·b with Kahan compensation.
+
+    The fp32 (IEEE, FMA) path of the K/M loops. One FMA chain over all of K (tl.dot with acc)
+    made fp32 errors grow with K: on an H200, K = 1000-1531 gave 3-8x the error of cuBLAS fp32.
+    Each block's product now starts from zero and is added to the running sum with
+    compensation. The plain form ``acc + tl.dot(a, b)`` does not work: Triton's combiner folds
+    it back into ``tl.dot(a, b, acc)`` (seen in the TTIR); the subtraction below is not folded.
+    """
+    part = tl.dot(a, b, input_precision="ieee")
+    y = part - comp
+    t = acc + y
+    comp = (t - acc) - y
+    return t, comp
 
 
 @triton.jit
@@ -169,6 +182,7 @@ def _lora_proj_kernel(
     row_ok = rm < M
     rm64 = rm.to(tl.int64)
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    comp = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)  # Kahan compensation (fp32 inputs)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         ld = row_ok[:, None] & (kk[None, :] < K)
@@ -180,7 +194,10 @@ def _lora_proj_kernel(
             x = tl.where(keep != 0, x, tl.zeros_like(x))
         a = tl.load(a_ptr + rr[:, None] * stride_ar + kk[None, :] * stride_ak,
                     mask=(rr[:, None] < R) & (kk[None, :] < K), other=0.0)
-        acc = _mma(x, tl.trans(a), acc, UPCAST, IEEE)
+        if IEEE:
+            acc, comp = _kahan_dot(x, tl.trans(a), acc, comp)
+        else:
+            acc = _mma(x, tl.trans(a), acc, UPCAST, IEEE)
     if HAS_MASK:
         acc = acc * keep_scale
     tl.store(p_ptr + rm64[:, None] * R_PAD + rr[None, :], acc, mask=row_ok[:, None])
@@ -241,11 +258,15 @@ def _lora_gemm_kernel(
 
     x_ptrs = x_ptr + rm_in[:, None] * stride_xm + rk[None, :] * stride_xk
     w_ptrs = w_ptr + rk[:, None] * stride_wk + rn_in[None, :] * stride_wn
+    comp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # Kahan compensation (fp32 inputs)
     for k0 in range(0, K, BLOCK_K):
         k_left = K - k0
         x = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
         w = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
-        acc = _mma(x, w, acc, UPCAST, IEEE)
+        if IEEE:
+            acc, comp = _kahan_dot(x, w, acc, comp)
+        else:
+            acc = _mma(x, w, acc, UPCAST, IEEE)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -276,6 +297,7 @@ def _lora_wgrad_kernel(
     m_start = pid_s * rows_per_split
     m_end = tl.minimum(M, m_start + rows_per_split)
     acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
+    comp = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)  # Kahan compensation (fp32 inputs)
     for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + rmb
         row_ok = rm < m_end
@@ -288,7 +310,9 @@ def _lora_wgrad_kernel(
             keep = tl.load(mask_ptr + rm64[:, None] * stride_mm + rc64[None, :] * stride_mc,
                            mask=ld, other=0)
             q = tl.where(keep != 0, q, tl.zeros_like(q))
-        if P_FP32:
+        if IEEE:
+            acc, comp = _kahan_dot(tl.trans(p), q, acc, comp)
+        elif P_FP32:
             acc = _mma_fp32_lhs(tl.trans(p), q, acc, SPLIT_P, UPCAST, IEEE)
         else:
             acc = _mma(tl.trans(p), q, acc, UPCAST, IEEE)
