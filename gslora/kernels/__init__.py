@@ -7,7 +7,13 @@ before this package was first used. They are also registered as ``torch.ops.gslo
 custom ops (with fake implementations) so ``torch.compile`` can trace them.
 
 This package imports without triton; :func:`unavailable_reason` then says why it cannot run.
-The kernels themselves live in :mod:`gslora.kernels.lora` and :mod:`gslora.kernels.group`.
+The kernels themselves live in :mod:`gslora.kernels.lora` and :mod:`gslora.kernels.group`;
+:mod:`gslora.kernels.aot` compiles them ahead of time for sm_80/sm_90 (no GPU needed).
+
+Dtypes: the LoRA ops take fp16, bf16 (tensor cores, fp32 accumulation) and fp32 (exact fp32
+FMA products, no TF32, Kahan-compensated); fp64 raises a ValueError naming x. The group ops also
+take fp64. ``GSLORA_TRITON_AUTOTUNE=0`` launches the first autotune config instead of tuning
+(used by the GPU tests; tuning every config for every new shape costs seconds).
 """
 
 from __future__ import annotations
