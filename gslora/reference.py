@@ -149,6 +149,8 @@ def group_lasso_penalty(
     total = torch.zeros((), dtype=acc, device=tensors[0].device)
     for g in range(num_groups):
         members = [t.to(acc).pow(2).sum() for t, i in zip(tensors, ids) if i == g]
+        if not members:  # a group without tensors has norm 0 and contributes nothing
+            continue
         sq = torch.stack(members).sum()
         # where(sq > 0, sqrt, 0) with a safe argument keeps the gradient at 0 finite (0, not NaN).
         safe = torch.where(sq > 0, sq, torch.ones_like(sq))

@@ -83,3 +83,9 @@ def test_group_ids_are_validated():
         reference.group_sq_norms([torch.ones(2)], [0, 1], 2)
     with pytest.raises(ValueError, match="group_ids"):
         reference.group_sq_norms([torch.ones(2)], [3], 2)
+
+
+def test_penalty_of_group_without_tensors_is_zero():
+    t = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    p = reference.group_lasso_penalty([t], [1], 3)
+    torch.testing.assert_close(p, t.detach().norm())
