@@ -61,12 +61,18 @@ def _want_cuda() -> tuple[bool, str]:
 
 
 def _extensions():
+    # Decide on CUDA (and export CUDA_HOME) BEFORE importing cpp_extension: it fixes its own
+    # CUDA_HOME at import time, and with an nvcc wrapper in /usr/local/bin it would pick /usr/local
+    # and fail to link -lcudart.
+    build_cuda, why = _want_cuda()
+    import torch.utils.cpp_extension as cpp_extension
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
+    if build_cuda:
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     cxx = ["-O3", "-g0", "-fopenmp", "-std=c++20"]
-    build_cuda, why = _want_cuda()
     print(f"gslora: building CUDA kernels: {build_cuda} ({why})")
     if build_cuda and cuda_sources:
         arch = os.environ.get("GSLORA_CUDA_ARCH", "80;90")
