@@ -612,6 +612,27 @@ class ProxOptimizer(torch.optim.Optimizer):
     ``state_dict()`` is the inner optimizer's plus a ``"prox"`` entry (schedule state, plain
     numbers); ``load_state_dict`` also accepts a plain inner state dict (schedule unchanged).
 
+    Metric (``metric``). ``"euclidean"``: λ_g = lr·α·w_g, the prox in the plain Euclidean
+    metric — exact proximal gradient after SGD. ``"adam"``: the prox in the metric of Adam's
+    preconditioner. Adam's step is θ ← θ − lr·m̂/D with D = √v̂ + ε, i.e. the minimiser of a
+    linear model plus (1/2lr)‖θ − θ₀‖²_D. Adding the group-lasso term in that same metric, the
+    proximal step solves, per group, ``argmin_θ (d_g/2lr)‖θ − z_g‖² + α·w_g‖θ‖`` when D is
+    replaced by a group constant d_g; its exact solution is block soft-thresholding of the
+    Adam-updated z_g with threshold::
+
+        λ_g = lr · α · w_g / d_g,   d_g = √(mean_{i∈g} v̂_i) + ε   (RMS of √v̂ over the group)
+
+    with v̂ = exp_avg_sq / (1 − β₂^t) read from the inner optimizer's state. Why: Adam moves
+    every coordinate by ~lr per step whatever its gradient scale, so with the Euclidean λ all
+    groups grow at the same rate and the prox acts as a cliff in α (no group dies, or all do).
+    In Adam's metric the threshold scales with 1/(gradient RMS), and a group survives only if
+    its gradient pressure beats α — the SGD selection rule (zero iff ‖∇_g f‖ ≤ α·w_g) in
+    Adam's units. Σv̂ per group is one fused ``group_sq_norms`` over √exp_avg_sq (per dtype
+    bucket, all-reduced over the process group for sharded tensors, like the norms). Needs an
+    Adam-family inner optimizer (Adam, AdamW, NAdam, RAdam: ``exp_avg_sq`` state, ``betas``,
+    ``eps``); groups with a tensor that has no state yet (never received a gradient) use the
+    Euclidean threshold for that step.
+
     Attributes:
         last_alpha: α used by the last step. last_result: its :class:`ProxResult` (None if the
         prox was skipped).
@@ -622,6 +643,7 @@ class ProxOptimizer(torch.optim.Optimizer):
         optimizer: torch.optim.Optimizer,
         sparsity: GroupSparsity,
         alpha: float | SparsitySchedule = 0.0,
+        metric: str = "euclidean",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -635,9 +657,19 @@ class ProxOptimizer(torch.optim.Optimizer):
             schedule = SparsityWarmup(float(alpha), 0)
         else:
             raise TypeError(f"alpha must be a float or a SparsitySchedule, got {type(alpha).__name__}")
+        if metric not in ("euclidean", "adam"):
+            raise ValueError(f"metric must be 'euclidean' or 'adam', got {metric!r}")
+        if metric == "adam":
+            missing = [k for k in ("betas", "eps") if k not in optimizer.defaults]
+            if missing:
+                raise ValueError(
+                    f"metric='adam' needs an Adam-family optimizer (exp_avg_sq state, betas, eps); "
+                    f"{type(optimizer).__name__} has no {' / '.join(missing)} setting"
+                )
         self.optimizer = optimizer
         self.sparsity = sparsity
         self.schedule = schedule
+        self.metric = metric
         self.last_alpha = 0.0
         self.last_result: ProxResult | None = None
         # What Optimizer.__init__ would set, minus the param groups (shared with the inner one).
@@ -713,11 +745,68 @@ class ProxOptimizer(torch.optim.Optimizer):
             return used.pop()
         return torch.tensor(lrs, dtype=torch.float64)[self._pg_index]
 
+    @torch.no_grad()
+    def adam_scale(self) -> Tensor:
+        """d_g = √(mean_{i∈g} v̂_i) + ε per group, [num_groups] in the accumulate dtype, from the
+        inner optimizer's current state (v̂ = exp_avg_sq / (1 − β₂^t)); NaN for a group with a
+        tensor that has no ``exp_avg_sq`` yet. One fused ``group_sq_norms`` per dtype bucket over
+        √exp_avg_sq gives Σv per group; β₂, ε and t come from each group's first tensor (a
+        group's tensors share a param group, and are stepped together)."""
+        sp = self.sparsity
+        state = self.optimizer.state
+        sqrt_v: list[Tensor] = []
+        have = [True] * sp.num_groups
+        for t, g in zip(sp.params, sp.group_ids, strict=True):
+            st = state.get(t)
+            v = None if st is None else st.get("exp_avg_sq")
+            if st and v is None:
+                raise ValueError(
+                    f"metric='adam' needs exp_avg_sq in the optimizer state, but "
+                    f"{type(self.optimizer).__name__} keeps {sorted(st)} for a tensor of group "
+                    f"{sp.names[g]!r}"
+                )
+            if v is None:
+                have[g] = False
+                v = torch.zeros_like(t)
+            sqrt_v.append(v)
+        sqrt_v = list(torch._foreach_sqrt(sqrt_v))
+        sum_v = sp._sq_norms_of(sqrt_v)
+        pgs = self.optimizer.param_groups
+        bias = torch.ones(sp.num_groups, dtype=torch.float64)
+        eps = torch.zeros(sp.num_groups, dtype=torch.float64)
+        first = {}
+        for t, g in zip(sp.params, sp.group_ids, strict=True):
+            first.setdefault(g, t)
+        for g, t in first.items():
+            if not have[g]:
+                continue
+            pg = pgs[self._pg_of_group[g][0]]
+            step = state[t].get("step", 0)
+            steps = float(step.item() if isinstance(step, Tensor) else step)
+            beta2 = float(pg["betas"][1])
+            bias[g] = 1.0 - beta2 ** steps if steps > 0 else 1.0
+            eps[g] = float(pg["eps"])
+        sizes = torch.tensor(sp.sizes, dtype=torch.float64)
+        dev = dict(device=sp.device, dtype=sp.acc_dtype)
+        d = (sum_v / (sizes * bias).to(**dev)).sqrt() + eps.to(**dev)
+        return torch.where(torch.tensor(have, device=sp.device), d, float("nan"))
+
+    def _step_size(self) -> float | Tensor:
+        """lr (euclidean) or the per-group lr/d_g (adam) whose product with α·w_g is λ_g."""
+        lr = self._lr()
+        if self.metric == "euclidean":
+            return lr
+        d = self.adam_scale()
+        lr_t = torch.as_tensor(lr, dtype=d.dtype).to(d.device).expand(d.shape)
+        # No state yet (or d_g = 0: an all-zero group with ε = 0): the Euclidean step.
+        ok = torch.isfinite(d) & (d > 0)
+        return torch.where(ok, lr_t / torch.where(ok, d, 1), lr_t)
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Inner ``step(closure)``, then the proximal step with the schedule's α."""
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         alpha = self.schedule.alpha
-        result = self.sparsity.prox_(self._lr(), alpha) if alpha > 0 else None
+        result = self.sparsity.prox_(self._step_size(), alpha) if alpha > 0 else None
         self.schedule.step(result)
         self.last_alpha, self.last_result = alpha, result
         return loss
@@ -764,5 +853,6 @@ class ProxOptimizer(torch.optim.Optimizer):
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
-        return f"ProxOptimizer({self.optimizer!r},\n  {self.sparsity!r},\n  schedule={self.schedule!r})"
+        return (f"ProxOptimizer({self.optimizer!r},\n  {self.sparsity!r},\n  "
+                f"schedule={self.schedule!r}, metric={self.metric!r})")
 

@@ -763,3 +763,96 @@ def test_prox_optimizer_under_grad_scaler_skips_prox_with_the_step():
     scaler.scale(p.sum() * float("inf")).backward()  # overflow: the whole step is skipped
     scaler.step(opt)
     assert torch.equal(p.detach(), before) and opt.schedule.num_steps == 1
+
+
+# ----------------------------------------------------------------------------- Adam-metric prox
+def _adam_thresholds_by_hand(opt, gs, lr, alpha) -> np.ndarray:
+    """λ_g = lr·α·w_g / (√(mean_g v̂) + ε), from the optimizer state, in float64 NumPy."""
+    out = np.zeros(gs.num_groups)
+    pg = opt.param_groups[0]
+    beta2, eps = pg["betas"][1], pg["eps"]
+    w = gs.weights.double().numpy()
+    for g in range(gs.num_groups):
+        tensors = [p for p, gid in zip(gs.params, gs.group_ids, strict=True) if gid == g]
+        v = np.concatenate([opt.state[p]["exp_avg_sq"].double().numpy().ravel() for p in tensors])
+        t = float(opt.state[tensors[0]]["step"])
+        d = math.sqrt(v.mean() / (1 - beta2 ** t)) + eps
+        out[g] = lr * alpha * w[g] / d
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_adam_metric_thresholds_match_optimizer_state(dtype):
+    torch.manual_seed(0)
+    params = _params(dtype)
+    gs = GroupSparsity(_groups(params), weights="sqrt_size")
+    inner = torch.optim.AdamW(params, lr=0.03, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01)
+    opt = ProxOptimizer(inner, gs, alpha=0.7, metric="adam")
+    for step in range(3):
+        opt.zero_grad()
+        # Very different gradient scales per group, so the d_g differ by orders of magnitude.
+        loss = sum((10.0 ** (g - 2)) * (p.double() ** 2).sum() + p.double().sum() * 0.1 * step
+                   for p, g in zip(params, IDS, strict=True))
+        loss.backward()
+        opt.step()
+        lam = _adam_thresholds_by_hand(inner, gs, 0.03, 0.7)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        np.testing.assert_allclose(opt.last_result.thresholds.double().numpy(), lam, rtol=tol)
+        np.testing.assert_allclose(gs.thresholds(opt._step_size(), 0.7).double().numpy(), lam, rtol=tol)
+        d = opt.adam_scale().double().numpy()
+        np.testing.assert_allclose(0.03 * 0.7 * gs.weights.double().numpy() / d, lam, rtol=tol)
+
+
+def test_adam_metric_selects_groups_by_gradient_pressure():
+    """Toy problem: group "useful" is pulled to a target of norm 2√2 > α; group "noise" only
+    sees tiny zero-mean gradients. Adam moves both by ~lr per coordinate, so the Euclidean prox
+    (λ = lr·α) cannot tell them apart and both survive; in Adam's metric the noise group is
+    exactly zero while the useful one settles near the group-lasso solution ‖u‖ = 2√2 − α."""
+    alpha, lr = 0.5, 0.05
+    target = torch.ones(8, dtype=torch.float64)
+
+    def run(metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+        u = nn.Parameter(torch.zeros(8, dtype=torch.float64))
+        w = nn.Parameter(torch.zeros(8, dtype=torch.float64))
+        gs = GroupSparsity({"useful": [u], "noise": [w]})
+        opt = ProxOptimizer(torch.optim.Adam([u, w], lr=lr), gs, alpha=alpha, metric=metric)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(400):
+            opt.zero_grad()
+            noise = torch.randn(8, generator=gen, dtype=torch.float64) * 1e-3
+            (0.5 * ((u - target) ** 2).sum() + (noise * w).sum()).backward()
+            opt.step()
+        return u.detach(), w.detach()
+
+    u, w = run("adam")
+    assert torch.count_nonzero(w) == 0
+    assert abs(float(u.norm()) - (math.sqrt(8) - alpha)) < 0.1
+    u_e, w_e = run("euclidean")
+    assert float(w_e.norm()) > 0.01  # the cliff: the Euclidean threshold keeps the noise group
+
+
+def test_adam_metric_group_without_state_uses_euclidean_threshold():
+    a = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    b = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    gs = GroupSparsity({"a": [a], "b": [b]})
+    inner = torch.optim.Adam([a, b], lr=0.1)
+    opt = ProxOptimizer(inner, gs, alpha=0.5, metric="adam")
+    (a * 2.0).sum().backward()  # b gets no gradient: Adam keeps no state for it
+    opt.step()
+    lam = opt.last_result.thresholds.tolist()
+    assert lam[1] == pytest.approx(0.1 * 0.5)
+    assert lam[0] == pytest.approx(0.1 * 0.5 / (2.0 + 1e-8))
+    assert "adam" in repr(opt)
+
+
+def test_adam_metric_rejects_optimizers_without_second_moments():
+    p = nn.Parameter(torch.ones(3))
+    gs = GroupSparsity({"a": [p]})
+    with pytest.raises(ValueError, match="metric must be"):
+        ProxOptimizer(torch.optim.Adam([p]), gs, alpha=1.0, metric="adagrad")
+    with pytest.raises(ValueError, match="Adam-family.*SGD"):
+        ProxOptimizer(torch.optim.SGD([p], lr=0.1), gs, alpha=1.0, metric="adam")
+    opt = ProxOptimizer(torch.optim.Adamax([p], lr=0.1), gs, alpha=1.0, metric="adam")
+    p.sum().backward()
+    with pytest.raises(ValueError, match="exp_avg_sq.*Adamax"):
+        opt.step()
