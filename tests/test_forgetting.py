@@ -154,6 +154,10 @@ def test_config_errors():
         ForgetConfig(warmup=1.5)
     with pytest.raises(ForgetError, match="replay_ratio"):
         ForgetConfig(replay_ratio=0.0)
+    with pytest.raises(ForgetError, match="prox_metric"):
+        ForgetConfig(prox_metric="fisher")
+    with pytest.raises(ForgetError, match="prox_metric 'adam' needs optimizer 'adamw'.*sgd"):
+        ForgetConfig(prox_metric="adam", optimizer="sgd")
 
 
 # ---------------------------------------------------------------- the loop
@@ -186,6 +190,32 @@ def test_gslora_forgets_and_keeps(synth, pretrained, tmp_path):
     assert len(state["results"]) == 2 and (tmp_path / state["model_file"]).is_file()
     assert (tmp_path / "adapter_task2.safetensors").is_file()
     assert not list(tmp_path.glob("*.step.pt")) and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("optimizer,prox_metric,expected", [
+    ("adamw", "auto", "adam"), ("sgd", "auto", "euclidean"), ("adamw", "euclidean", "euclidean")])
+def test_prox_metric_follows_optimizer(synth, pretrained, monkeypatch, optimizer, prox_metric, expected):
+    # Under AdamW the prox runs in Adam's metric by default (the Euclidean threshold is a cliff).
+    import gslora.sparsity as sp
+    from gslora.forgetting import train_task
+    from gslora.surgery import add_gslora
+
+    seen: list[str] = []
+
+    class Spy(sp.ProxOptimizer):
+        def step(self, closure=None):
+            seen.append(self.metric)
+            return super().step(closure)
+
+    monkeypatch.setattr(sp, "ProxOptimizer", Spy)
+    model = ViT(SMALL)
+    model.load_state_dict(pretrained.state_dict())
+    gs = sp.GroupSparsity(add_gslora(model, r=2, target="ffn", group_by="block"))
+    targets = synth[0].targets
+    cfg = _cfg(steps=2, warmup=0.0, optimizer=optimizer, prox_metric=prox_metric)
+    train_task(model, synth[0], (targets == 0).nonzero().flatten(),
+               (targets == 1).nonzero().flatten(), cfg, bnd=4.0, sparsity=gs, progress=False)
+    assert seen == [expected, expected]
 
 
 @pytest.mark.parametrize("sparsity", ["prox", "penalty"])

@@ -89,6 +89,11 @@ class ForgetConfig:
             so the prox threshold lr·α acts like a cliff — below some α no group dies, slightly
             above it every group does; steering α finds the point where only the groups the
             task needs survive (measured in the README).
+        prox_metric: the metric of the proximal step (:class:`gslora.sparsity.ProxOptimizer`):
+            "adam" (threshold lr·α·w_g/d_g, d_g the group RMS of AdamW's √v̂+ε: a group survives
+            only while its gradient pressure beats α, which removes the cliff above),
+            "euclidean" (threshold lr·α·w_g, exact after SGD), or "auto" (adam with AdamW,
+            euclidean with SGD).
         beta: weight β of the bounded forget loss. bnd: its bound (None: :func:`default_bnd`
             of the head's logit scale, ``bnd_ratio``·2s).
         steps: optimizer steps per task. epochs: if set, overrides ``steps`` with
@@ -115,6 +120,7 @@ class ForgetConfig:
     alpha: float = 0.01
     warmup: float = 0.3
     target_zero_groups: int | None = None
+    prox_metric: str = "auto"
     beta: float = 0.2
     bnd: float | None = None
     bnd_ratio: float = 0.85
@@ -144,6 +150,11 @@ class ForgetConfig:
             raise ForgetError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.sparsity not in ("prox", "penalty"):
             raise ForgetError(f"sparsity must be 'prox' or 'penalty', got {self.sparsity!r}")
+        if self.prox_metric not in ("auto", "adam", "euclidean"):
+            raise ForgetError(f"prox_metric must be 'auto', 'adam' or 'euclidean', got {self.prox_metric!r}")
+        if self.prox_metric == "adam" and self.optimizer != "adamw":
+            raise ForgetError(f"prox_metric 'adam' needs optimizer 'adamw' (it reads AdamW's second "
+                              f"moments), got optimizer {self.optimizer!r}")
         for name in ("r", "steps", "batch_size", "eval_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -388,7 +399,10 @@ def train_task(
         schedule = AdaptiveSparsity(config.alpha, k, warmup_steps, growth=1.05, interval=1)
     else:
         schedule = SparsityWarmup(config.alpha if sparsity is not None else 0.0, warmup_steps)
-    opt = ProxOptimizer(inner, sparsity, schedule) if use_prox else inner
+    metric = config.prox_metric
+    if metric == "auto":
+        metric = "adam" if config.optimizer == "adamw" else "euclidean"
+    opt = ProxOptimizer(inner, sparsity, schedule, metric=metric) if use_prox else inner
     start = 0
     if ckpt_path is not None and ckpt_path.is_file():
         try:
