@@ -2,21 +2,20 @@
 
 The pure-Python parts of gslora work without it (the ``torch`` backend); the fused CPU and CUDA
 backends need it. ``load_error()`` says why it is missing and how to rebuild it.
+
+The load is tried once, when this module is imported (with ``import gslora``): the answer is then
+a plain module constant, which ``torch.compile`` reads without tracing an import.
 """
 
 from __future__ import annotations
 
-import functools
+import torch  # noqa: F401  (the extension needs libtorch loaded first)
 
 REBUILD = "pip install --no-build-isolation -e .   (or: make build)"
 
 
-@functools.cache
-def load_error() -> str | None:
-    """None when ``gslora._C`` is loaded; otherwise why not, with the rebuild command."""
+def _try_load() -> str | None:
     try:
-        import torch  # noqa: F401  (the extension needs libtorch loaded first)
-
         from . import _C  # noqa: F401
     except ImportError as exc:
         return f"the compiled extension gslora._C is not available ({exc}); rebuild it with: {REBUILD}"
@@ -25,8 +24,9 @@ def load_error() -> str | None:
     return None
 
 
-def require() -> None:
-    """Raise ImportError with the rebuild command if ``gslora._C`` cannot be loaded."""
-    error = load_error()
-    if error is not None:
-        raise ImportError(error)
+_LOAD_ERROR = _try_load()
+
+
+def load_error() -> str | None:
+    """None when ``gslora._C`` is loaded; otherwise why not, with the rebuild command."""
+    return _LOAD_ERROR

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from . import reference
+from . import _ext, reference
 
 __all__ = [
     "Backend",
@@ -146,8 +146,6 @@ class ExtensionBackend:
         self.dispatch_key = dispatch_key
 
     def unavailable_reason(self) -> str | None:
-        from . import _ext
-
         error = _ext.load_error()
         if error is not None:
             return error

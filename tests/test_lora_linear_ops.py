@@ -87,7 +87,9 @@ NAMES = ("y", "xa", "dx", "dA", "dB")
 @pytest.mark.parametrize(
     "M,K,N,r,bias,dropout",
     [(37, 1000, 1531, 8, True, 0.0), (5, 7, 9, 1, False, 0.0), (33, 64, 48, 64, True, 0.25),
-     (19, 40, 23, 3, False, 0.5), (0, 16, 12, 4, True, 0.0), (0, 16, 12, 4, False, 0.3)],
+     (19, 40, 23, 3, False, 0.5), (0, 16, 12, 4, True, 0.0), (0, 16, 12, 4, False, 0.3),
+     # M > 2K and M > 2N: the CPU kernel folds s·B·A into the weight (forward and dx)
+     (700, 96, 300, 8, True, 0.0)],
 )
 def test_float64_matches_reference(backend, device, M, K, N, r, bias, dropout):
     x, W, b, A, B, mask, keep = _inputs(M, K, N, r, torch.float64, device, bias, dropout)
@@ -101,7 +103,8 @@ def test_float64_matches_reference(backend, device, M, K, N, r, bias, dropout):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M,K,N,r,dropout", [(64, 96, 160, 8, 0.0), (21, 53, 77, 16, 0.2)])
+@pytest.mark.parametrize("M,K,N,r,dropout",
+                         [(64, 96, 160, 8, 0.0), (21, 53, 77, 16, 0.2), (700, 96, 300, 8, 0.0)])
 def test_low_precision_as_accurate_as_eager(backend, device, dtype, M, K, N, r, dropout):
     x, W, b, A, B, mask, keep = _inputs(M, K, N, r, dtype, device, True, dropout)
     s = 0.5

@@ -119,8 +119,7 @@ def plot_group_norms(rows: Sequence[Mapping[str, Any]], path: Path, title: str =
     data = np.array([r["group_norms"] for r in rows], dtype=float).T  # [groups, tasks]
     masked = np.ma.masked_where(data == 0.0, data)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * data.shape[1], 0.9 + 0.45 * data.shape[0]))
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("white")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")  # zero groups: white
     im = ax.imshow(masked, aspect="auto", cmap=cmap)
     for (g, t), v in np.ndenumerate(data):
         ax.text(t, g, "0" if v == 0 else f"{v:.2g}", ha="center", va="center", fontsize=7,
