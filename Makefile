@@ -2,7 +2,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 
-.PHONY: setup build forget demo test test-fast bench lint data clean
+.PHONY: setup build forget demo test bench lint data clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	python3 -m venv .venv

@@ -130,7 +130,7 @@ def group_sq_norms(tensors: Sequence[Tensor], group_ids: Sequence[int], num_grou
     acc = accumulate_dtype(tensors[0].dtype) if tensors else torch.float32
     device = tensors[0].device if tensors else None
     out = torch.zeros(num_groups, dtype=acc, device=device)
-    for t, g in zip(tensors, ids):
+    for t, g in zip(tensors, ids, strict=True):
         out[g] += t.detach().to(acc).pow(2).sum()
     return out
 
@@ -148,7 +148,7 @@ def group_lasso_penalty(
     acc = accumulate_dtype(tensors[0].dtype)
     total = torch.zeros((), dtype=acc, device=tensors[0].device)
     for g in range(num_groups):
-        members = [t.to(acc).pow(2).sum() for t, i in zip(tensors, ids) if i == g]
+        members = [t.to(acc).pow(2).sum() for t, i in zip(tensors, ids, strict=True) if i == g]
         if not members:  # a group without tensors has norm 0 and contributes nothing
             continue
         sq = torch.stack(members).sum()
@@ -162,7 +162,7 @@ def group_lasso_penalty(
 def group_scale(tensors: Sequence[Tensor], group_ids: Sequence[int], coeffs: Tensor) -> list[Tensor]:
     """Out-of-place θ_i · c_{g(i)}: the penalty's backward with c_g = grad · w_g / ‖θ_g‖."""
     ids = _check_groups(tensors, group_ids, coeffs.numel())
-    return [(t.to(coeffs.dtype) * coeffs[g]).to(t.dtype) for t, g in zip(tensors, ids)]
+    return [(t.to(coeffs.dtype) * coeffs[g]).to(t.dtype) for t, g in zip(tensors, ids, strict=True)]
 
 
 def group_prox_(
@@ -178,6 +178,6 @@ def group_prox_(
     factor = torch.where(norms > lam, 1 - lam / torch.where(norms > 0, norms, 1), 0)
     ids = _check_groups(tensors, group_ids, num_groups)
     with torch.no_grad():
-        for t, g in zip(tensors, ids):
+        for t, g in zip(tensors, ids, strict=True):
             t.copy_((t.to(norms.dtype) * factor[g]).to(t.dtype))
     return norms

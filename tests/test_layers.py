@@ -117,7 +117,7 @@ def test_unfrozen_base_gets_correct_gradients():
     ref = torch.nn.functional.linear(x, layer.weight, layer.bias) + layer.scaling * (
         x @ layer.lora_A.t()) @ layer.lora_B.t()
     autograd = torch.autograd.grad(ref.pow(2).sum(), (x, layer.weight, layer.bias, layer.lora_A, layer.lora_B))
-    for got, want in zip(grads, autograd):
+    for got, want in zip(grads, autograd, strict=True):
         torch.testing.assert_close(got, want)
 
 

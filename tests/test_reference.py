@@ -60,11 +60,11 @@ def test_group_functions_match_concatenated_norms():
     weights = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     reference.group_lasso_penalty(params, ids, 3, weights).backward()
     coeffs = torch.where(norms > 0, weights / torch.where(norms > 0, norms, 1), 0)
-    for p, t, g in zip(params, tensors, ids):
+    for p, t, g in zip(params, tensors, ids, strict=True):
         torch.testing.assert_close(p.grad, t * coeffs[g])
     assert torch.isfinite(params[3].grad).all() and (params[3].grad == 0).all()
     scaled = reference.group_scale(tensors, ids, coeffs)
-    for s_, p in zip(scaled, params):
+    for s_, p in zip(scaled, params, strict=True):
         torch.testing.assert_close(s_, p.grad)
 
 
