@@ -21,6 +21,7 @@ from torch import nn
 
 from .common import (
     PHASES,
+    FailingProvider,
     gslora_backend_name,
     lora_factors,
     to_gslora,
@@ -69,18 +70,10 @@ def build_providers(names: Sequence[str], dim: int, hidden: int, r: int, device:
         try:
             mods[name] = builders[name]()
         except Exception as exc:  # reported as a failed provider by the harness
-            mods[name] = _Failing(exc)
+            mods[name] = FailingProvider(exc)
     info = {"gslora": {"backend": gslora_backend_name(device)}, "reference": {"backend": "torch"}}
     return mods, info
 
-
-class _Failing(nn.Module):
-    def __init__(self, exc: Exception) -> None:
-        super().__init__()
-        self.exc = exc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError(f"provider could not be built: {type(self.exc).__name__}: {self.exc}")
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

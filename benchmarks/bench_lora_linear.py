@@ -26,6 +26,7 @@ from torch import nn
 
 from .common import (
     PHASES,
+    FailingProvider,
     gslora_backend_name,
     lora_factors,
     to_gslora,
@@ -88,19 +89,9 @@ def build_providers(names: Sequence[str], K: int, N: int, r: int, device: torch.
             elif name == "plain":
                 mods[name] = base
         except Exception as exc:  # reported as a failed provider by the harness
-            mods[name] = _Failing(exc)
+            mods[name] = FailingProvider(exc)
     return mods, info
 
-
-class _Failing(nn.Module):
-    """Stands in for a provider that could not be built: raises the build error when called."""
-
-    def __init__(self, exc: Exception) -> None:
-        super().__init__()
-        self.exc = exc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError(f"provider could not be built: {type(self.exc).__name__}: {self.exc}")
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

@@ -147,3 +147,14 @@ def training_phase_cases(
         out["bwd"][name] = Case(fn=backward_only, setup=setup_bwd)
         out["fwd+bwd"][name] = Case(fn=both, setup=fresh)
     return out
+
+
+class FailingProvider(nn.Module):
+    """Stands in for a provider that could not be built: raises the build error when called."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__()
+        self.exc = exc
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise RuntimeError(f"provider could not be built: {type(self.exc).__name__}: {self.exc}")
