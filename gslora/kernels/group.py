@@ -39,12 +39,8 @@ GROUP_NUM_WARPS = 4
 
 
 @triton.jit
-def _group_sq_norms_kernel(base_ptr, offs_ptr, lens_ptr, starts_ptr, out_ptr,
-                           ACC_DT: tl.constexpr, BLOCK: tl.constexpr):
-    """out[g] = Σ over rows c of group g of Σ base[offs[c] + i]², i < lens[c]."""
-    g = tl.program_id(0)
-    c0 = tl.load(starts_ptr + g).to(tl.int32)
-    c1 = tl.load(starts_ptr + g + 1).to(tl.int32)
+def _sum_squares(base_ptr, offs_ptr, lens_ptr, c0, c1, ACC_DT: tl.constexpr, BLOCK: tl.constexpr):
+    """Σ of squares over chunks c0..c1-1 (one group), in ACC_DT; shared by norms and prox."""
     acc = tl.zeros((BLOCK,), dtype=ACC_DT)
     for c in range(c0, c1):
         off = tl.load(offs_ptr + c)
@@ -53,7 +49,17 @@ def _group_sq_norms_kernel(base_ptr, offs_ptr, lens_ptr, starts_ptr, out_ptr,
             idx = i + tl.arange(0, BLOCK)
             v = tl.load(base_ptr + off + idx, mask=idx < n, other=0.0).to(ACC_DT)
             acc += v * v
-    tl.store(out_ptr + g, tl.sum(acc, axis=0))
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _group_sq_norms_kernel(base_ptr, offs_ptr, lens_ptr, starts_ptr, out_ptr,
+                           ACC_DT: tl.constexpr, BLOCK: tl.constexpr):
+    """out[g] = Σ over rows c of group g of Σ base[offs[c] + i]², i < lens[c]."""
+    g = tl.program_id(0)
+    c0 = tl.load(starts_ptr + g).to(tl.int32)
+    c1 = tl.load(starts_ptr + g + 1).to(tl.int32)
+    tl.store(out_ptr + g, _sum_squares(base_ptr, offs_ptr, lens_ptr, c0, c1, ACC_DT, BLOCK))
 
 
 @triton.jit
@@ -63,15 +69,7 @@ def _group_prox_kernel(base_ptr, offs_ptr, lens_ptr, starts_ptr, thr_ptr, norms_
     g = tl.program_id(0)
     c0 = tl.load(starts_ptr + g).to(tl.int32)
     c1 = tl.load(starts_ptr + g + 1).to(tl.int32)
-    acc = tl.zeros((BLOCK,), dtype=ACC_DT)
-    for c in range(c0, c1):
-        off = tl.load(offs_ptr + c)
-        n = tl.load(lens_ptr + c)
-        for i in range(0, n, BLOCK):
-            idx = i + tl.arange(0, BLOCK)
-            v = tl.load(base_ptr + off + idx, mask=idx < n, other=0.0).to(ACC_DT)
-            acc += v * v
-    norm = tl.sqrt(tl.sum(acc, axis=0))
+    norm = tl.sqrt(_sum_squares(base_ptr, offs_ptr, lens_ptr, c0, c1, ACC_DT, BLOCK))
     lam = tl.load(thr_ptr + g).to(ACC_DT)
     # Same expression as the reference: exact 0 when ‖θ_g‖ ≤ λ_g (also for a zero group).
     safe = tl.where(norm > 0, norm, 1.0)
