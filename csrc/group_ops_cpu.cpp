@@ -3,16 +3,19 @@
 //
 // One OpenMP task owns one group: it sums the squares of all the group's tensors and, for the
 // prox, scales them right away while they are still in cache. Groups run largest first
-// (dynamic schedule) so that unequal groups balance across threads. Squares are summed in
-// float (double for double) with 16 independent lanes per chunk and the chunk sums added in
-// double, which keeps fp32 sums of millions of elements accurate.
+// (dynamic schedule) so that unequal groups balance across threads; calls too small to pay for
+// waking the thread team run on the calling thread. Squares are summed in float (double for
+// double) in four 32-byte vector accumulators per 4096-element chunk, and the chunk sums are
+// added in double, which keeps fp32 sums of millions of elements accurate.
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -27,28 +30,69 @@
 namespace gslora {
 namespace {
 
-constexpr int kLanes = 16;
 constexpr int64_t kChunk = 4096;  // elements summed in the accumulate type before going to double
+// Below this many elements per call the kernels run on the calling thread: waking an OpenMP
+// team costs more than the pass itself.
+constexpr int64_t kParallelMin = 1 << 15;
+
+// 32 bytes of the accumulate type as a GCC/Clang vector: + and * become AVX instructions in the
+// x86-64-v3 clone and SSE pairs in the default one. Written out instead of left to the
+// auto-vectoriser, which turned a 16-lane scalar loop into a slow shuffle-heavy SLP kernel.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef double f64x4 __attribute__((vector_size(32)));
+template <typename A>
+struct Vec32;
+template <>
+struct Vec32<float> {
+  using type = f32x8;
+};
+template <>
+struct Vec32<double> {
+  using type = f64x4;
+};
+template <typename A>
+using vec_t = typename Vec32<A>::type;
+
+// v = p[0 .. W) in the accumulate type (an out-parameter: returning a vector by value from a
+// non-AVX translation unit would trip GCC's ABI warning).
+template <typename T>
+inline void load_acc(const T* p, vec_t<acc_t<T>>& v) {
+  using A = acc_t<T>;
+  if constexpr (std::is_same_v<T, A>) {
+    std::memcpy(&v, p, sizeof(v));  // unaligned load
+  } else {
+    for (size_t j = 0; j < sizeof(v) / sizeof(A); ++j) v[j] = static_cast<A>(p[j]);
+  }
+}
 
 template <typename T>
 inline double sum_squares_impl(const T* p, int64_t n) {
   using A = acc_t<T>;
+  using V = vec_t<A>;
+  constexpr int64_t W = sizeof(V) / sizeof(A);
   double total = 0.0;
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t c1 = std::min(n, c0 + kChunk);
-    A lane[kLanes] = {};
+    V a0 = {}, a1 = {}, a2 = {}, a3 = {};
     int64_t i = c0;
-    for (; i + kLanes <= c1; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        const A v = static_cast<A>(p[i + j]);
-        lane[j] += v * v;
-      }
+    for (; i + 4 * W <= c1; i += 4 * W) {
+      V v0, v1, v2, v3;
+      load_acc(p + i, v0);
+      load_acc(p + i + W, v1);
+      load_acc(p + i + 2 * W, v2);
+      load_acc(p + i + 3 * W, v3);
+      a0 += v0 * v0;
+      a1 += v1 * v1;
+      a2 += v2 * v2;
+      a3 += v3 * v3;
+    }
+    const V a = (a0 + a1) + (a2 + a3);
+    A chunk = A(0);
+    for (int64_t j = 0; j < W; ++j) chunk += a[j];
     for (; i < c1; ++i) {
       const A v = static_cast<A>(p[i]);
-      lane[0] += v * v;
+      chunk += v * v;
     }
-    A chunk = A(0);
-    for (int j = 0; j < kLanes; ++j) chunk += lane[j];
     total += static_cast<double>(chunk);
   }
   return total;
@@ -59,10 +103,21 @@ template <typename T>
 inline void scale_impl(const T* in, T* out, int64_t n, acc_t<T> f) {
   using A = acc_t<T>;
   if (f == A(0)) {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(A(0));
+    std::memset(static_cast<void*>(out), 0, n * sizeof(T));  // +0.0 is all-zero bits in every dtype
     return;
   }
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(static_cast<A>(in[i]) * f);
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, A>) {
+    using V = vec_t<A>;
+    constexpr int64_t W = sizeof(V) / sizeof(A);
+    for (; i + W <= n; i += W) {
+      V v;
+      std::memcpy(&v, in + i, sizeof(v));
+      v *= f;
+      std::memcpy(out + i, &v, sizeof(v));
+    }
+  }
+  for (; i < n; ++i) out[i] = static_cast<T>(static_cast<A>(in[i]) * f);
 }
 
 #define GSLORA_DEFINE_GROUP_KERNELS(T, SUFFIX)                                                    \
@@ -95,6 +150,7 @@ inline void scale(const c10::Half* in, c10::Half* out, int64_t n, float f) {
 struct GroupPlan {
   std::vector<std::vector<int64_t>> members;  // tensor indices per group
   std::vector<int64_t> order;                 // group indices by decreasing total numel
+  bool parallel = false;                      // enough work to wake the OpenMP team
 };
 
 GroupPlan plan_groups(at::TensorList tensors, at::IntArrayRef group_ids, int64_t num_groups) {
@@ -109,6 +165,8 @@ GroupPlan plan_groups(at::TensorList tensors, at::IntArrayRef group_ids, int64_t
   std::iota(plan.order.begin(), plan.order.end(), 0);
   std::stable_sort(plan.order.begin(), plan.order.end(),
                    [&](int64_t a, int64_t b) { return size[a] > size[b]; });
+  const int64_t total = std::accumulate(size.begin(), size.end(), int64_t(0));
+  plan.parallel = num_groups > 1 && total >= kParallelMin;
   return plan;
 }
 
@@ -124,7 +182,7 @@ template <typename T>
 void group_sq_norms_kernel(const std::vector<at::Tensor>& ts, const GroupPlan& plan,
                            acc_t<T>* out) {
   const int64_t G = static_cast<int64_t>(plan.order.size());
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (plan.parallel)
   for (int64_t k = 0; k < G; ++k) {
     const int64_t g = plan.order[k];
     double sq = 0.0;
@@ -137,7 +195,7 @@ at::Tensor group_sq_norms_cpu(at::TensorList tensors, at::IntArrayRef group_ids,
                               int64_t num_groups) {
   check_group_args("gslora::group_sq_norms", tensors, group_ids, num_groups);
   const auto acc = accumulate_type(tensors[0].scalar_type());
-  at::Tensor out = at::zeros({num_groups}, tensors[0].options().dtype(acc));
+  at::Tensor out = at::empty({num_groups}, tensors[0].options().dtype(acc));
   const auto ts = contiguous_all(tensors);
   const GroupPlan plan = plan_groups(tensors, group_ids, num_groups);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tensors[0].scalar_type(),
@@ -151,8 +209,10 @@ template <typename T>
 void group_scale_kernel(const std::vector<at::Tensor>& ts, at::IntArrayRef group_ids,
                         const acc_t<T>* c, std::vector<at::Tensor>& outs) {
   const int64_t n = static_cast<int64_t>(ts.size());
+  int64_t total = 0;
+  for (const auto& t : ts) total += t.numel();
   // Element-wise with no reduction: one task per tensor balances as well as one per group.
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (n > 1 && total >= kParallelMin)
   for (int64_t i = 0; i < n; ++i)
     scale(ts[i].const_data_ptr<T>(), outs[i].data_ptr<T>(), ts[i].numel(), c[group_ids[i]]);
 }
@@ -183,7 +243,7 @@ void group_prox_kernel(const std::vector<at::Tensor>& ts, const GroupPlan& plan,
                        const acc_t<T>* lam, acc_t<T>* norms) {
   using A = acc_t<T>;
   const int64_t G = static_cast<int64_t>(plan.order.size());
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (plan.parallel)
   for (int64_t k = 0; k < G; ++k) {
     const int64_t g = plan.order[k];
     double sq = 0.0;
@@ -206,7 +266,13 @@ at::Tensor group_prox_cpu(at::TensorList tensors, at::IntArrayRef group_ids, int
   check_group_vector(op, "thresholds", thresholds_in, num_groups, tensors[0].device());
   const auto acc = accumulate_type(tensors[0].scalar_type());
   const at::Tensor lam = thresholds_in.to(acc).contiguous();
-  TORCH_CHECK(lam.ge(0).all().item<bool>(), op, ": thresholds must be >= 0");
+  AT_DISPATCH_FLOATING_TYPES(acc, "group_prox_cpu_check", [&] {
+    const scalar_t* l = lam.const_data_ptr<scalar_t>();
+    // !(l >= 0) also rejects NaN.
+    for (int64_t g = 0; g < num_groups; ++g)
+      TORCH_CHECK(l[g] >= scalar_t(0), op, ": thresholds must be >= 0, got ", l[g],
+                  " for group ", g);
+  });
   at::Tensor norms = at::empty({num_groups}, tensors[0].options().dtype(acc));
   // Non-contiguous tensors are updated through contiguous copies, written back afterwards.
   const auto ts = contiguous_all(tensors);

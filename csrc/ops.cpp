@@ -1,7 +1,8 @@
 // Schemas of the torch.ops.gslora ops and the Python module stub of gslora._C.
 //
 // The CPU kernels register in lora_linear_cpu.cpp and group_ops_cpu.cpp, the CUDA kernels in
-// cuda/gslora_cuda.cu, and the fake (meta) kernels for torch.compile in gslora/_fake.py.
+// cuda/gslora_cuda.cu, the device-agnostic penalty and its autograd in group_penalty.cpp, and the
+// fake (meta) kernels for torch.compile in gslora/_fake.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -30,5 +31,9 @@ TORCH_LIBRARY(gslora, m) {
   m.def("group_scale(Tensor[] tensors, int[] group_ids, Tensor coeffs) -> Tensor[]");
   m.def(
       "group_prox_(Tensor(a!)[] tensors, int[] group_ids, int num_groups, Tensor thresholds) "
+      "-> Tensor");
+  // sum_g weights[g] * ||group g||_2 with its own (C++) autograd; see group_penalty.cpp.
+  m.def(
+      "group_lasso_penalty(Tensor[] tensors, int[] group_ids, int num_groups, Tensor weights) "
       "-> Tensor");
 }

@@ -76,3 +76,12 @@ def _group_prox_fake(
     """The norms before the step, [num_groups] in the accumulate dtype (tensors change in place)."""
     t0 = tensors[0]
     return t0.new_empty((num_groups,), dtype=accumulate_dtype(t0.dtype))
+
+
+@torch.library.register_fake("gslora::group_lasso_penalty")
+def _group_lasso_penalty_fake(
+    tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int, weights: Tensor
+) -> Tensor:
+    """A 0-d tensor in the accumulate dtype."""
+    t0 = tensors[0]
+    return t0.new_empty((), dtype=accumulate_dtype(t0.dtype))

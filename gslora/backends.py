@@ -4,6 +4,9 @@ A backend is an object with a ``name``, an ``unavailable_reason()`` (None when i
 this machine at all) and a ``reject_reason(device)`` (None when it serves tensors on that
 device), plus the five ops of :mod:`gslora.reference` with the same signatures:
 ``lora_linear_fwd``, ``lora_linear_bwd``, ``group_sq_norms``, ``group_scale``, ``group_prox_``.
+A backend may also offer ``group_lasso_penalty(tensors, group_ids, num_groups, weights)``, a
+differentiable penalty with its own backward; without it, :mod:`gslora.functional` builds the
+penalty from ``group_sq_norms`` and ``group_scale`` in a Python autograd function.
 
 Selection: an explicit ``backend=`` argument, else the ``GSLORA_BACKEND`` environment variable,
 else the first backend of the device's preference list that accepts the inputs. An explicit
@@ -47,13 +50,22 @@ class Backend(Protocol):
 
     def reject_reason(self, device: torch.device) -> str | None: ...
 
+    # True when the ops validate every tensor themselves (the compiled ones do, in C++); else
+    # gslora.functional checks dtypes and devices in Python before calling them.
+    validates_inputs: bool
+
 
 _REGISTRY: dict[str, Any] = {}
+# Successful selections by (device type, requested name, TRITON_INTERPRET). Availability does not
+# change while a process runs, and the uncached checks (extension state, dispatcher queries)
+# cost ~15 µs — as much as a small fused kernel — on every op call.
+_SELECTED: dict[tuple[str, str, str | None], Any] = {}
 
 
 def register_backend(backend: Any) -> None:
     """Add (or replace) a backend under ``backend.name``."""
     _REGISTRY[backend.name] = backend
+    _SELECTED.clear()
 
 
 def backend_names() -> list[str]:
@@ -79,8 +91,18 @@ def select_backend(device: torch.device | str, requested: str | None = None) -> 
     ``requested`` (or ``$GSLORA_BACKEND`` when it is None) names one backend; ``"auto"`` or
     empty means the device's preference list.
     """
-    device = torch.device(device)
+    device = device if isinstance(device, torch.device) else torch.device(device)
     name = requested if requested is not None else os.environ.get("GSLORA_BACKEND", "")
+    if torch.compiler.is_compiling():  # traced once; no cache mutation inside a graph
+        return _select(device, requested, name)
+    key = (device.type, name, os.environ.get("TRITON_INTERPRET"))
+    backend = _SELECTED.get(key)
+    if backend is None:
+        backend = _SELECTED[key] = _select(device, requested, name)
+    return backend
+
+
+def _select(device: torch.device, requested: str | None, name: str) -> Any:
     if name and name != "auto":
         backend = get_backend(name)
         reason = _why_not(backend, device)
@@ -117,6 +139,7 @@ class TorchBackend:
     """The specification itself (:mod:`gslora.reference`): any device, any dtype, slow."""
 
     name = "torch"
+    validates_inputs = False
     lora_linear_fwd = staticmethod(reference.lora_linear_fwd)
     lora_linear_bwd = staticmethod(reference.lora_linear_bwd)
     group_sq_norms = staticmethod(reference.group_sq_norms)
@@ -139,6 +162,8 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
 
 class ExtensionBackend:
     """The compiled ops ``torch.ops.gslora.*`` of ``gslora._C`` for one device type."""
+
+    validates_inputs = True  # the C++ ops check shapes, dtypes and devices themselves
 
     def __init__(self, name: str, device_type: str, dispatch_key: str) -> None:
         self.name = name
@@ -186,11 +211,18 @@ class ExtensionBackend:
             list(tensors), list(group_ids), int(num_groups), thresholds
         )
 
+    def group_lasso_penalty(self, tensors, group_ids, num_groups, weights):
+        # Forward and backward with a C++ autograd kernel: no per-tensor Python bookkeeping.
+        return torch.ops.gslora.group_lasso_penalty(
+            list(tensors), list(group_ids), int(num_groups), weights
+        )
+
 
 class TritonBackend:
     """Triton kernels of :mod:`gslora.kernels`; on the CPU only under ``TRITON_INTERPRET=1``."""
 
     name = "triton"
+    validates_inputs = False
 
     def _kernels(self):
         from . import kernels

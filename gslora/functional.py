@@ -133,13 +133,21 @@ def lora_linear(
     return y.reshape(*lead, weight.shape[0])
 
 
-def _check_group_args(tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int) -> None:
+def _group_backend(
+    tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int, backend: str | None
+):
+    """Validate the arguments of a group op and pick the backend that runs it."""
     if len(tensors) == 0:
         raise ValueError("tensors must not be empty")
     if len(group_ids) != len(tensors):
         raise ValueError(f"group_ids has {len(group_ids)} entries for {len(tensors)} tensors")
-    if num_groups < 1 or any(not 0 <= g < num_groups for g in group_ids):
+    if num_groups < 1 or min(group_ids) < 0 or max(group_ids) >= num_groups:
         raise ValueError(f"every group id must lie in [0, {num_groups})")
+    impl = select_backend(tensors[0].device, backend)
+    if impl.validates_inputs:
+        # The compiled ops check every tensor in C++; doing it here again would cost more than
+        # the fused pass itself on small groups.
+        return impl
     device, dtype = tensors[0].device, tensors[0].dtype
     for i, t in enumerate(tensors):
         if not t.is_floating_point():
@@ -150,15 +158,16 @@ def _check_group_args(tensors: Sequence[Tensor], group_ids: Sequence[int], num_g
             raise ValueError(
                 f"tensors[{i}] has dtype {t.dtype}, tensors[0] {dtype}: one dtype per call"
             )
+    return impl
 
 
 def group_sq_norms(
     tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int, backend: str | None = None
 ) -> Tensor:
     """Σ‖θ_i‖² per group in one fused pass, [num_groups] in the accumulate dtype (no autograd)."""
-    _check_group_args(tensors, group_ids, num_groups)
-    impl = select_backend(tensors[0].device, backend)
-    return impl.group_sq_norms([t.detach() for t in tensors], list(group_ids), num_groups)
+    impl = _group_backend(tensors, group_ids, num_groups, backend)
+    with torch.no_grad():
+        return impl.group_sq_norms(tensors, group_ids, num_groups)
 
 
 def group_norms(
@@ -200,16 +209,26 @@ def group_lasso_penalty(
     backend: str | None = None,
 ) -> Tensor:
     """Differentiable Σ_g w_g ‖θ_g‖₂ (scalar, accumulate dtype); w_g = 1 by default."""
-    _check_group_args(tensors, group_ids, num_groups)
-    impl = select_backend(tensors[0].device, backend)
+    impl = _group_backend(tensors, group_ids, num_groups, backend)
     acc = reference.accumulate_dtype(tensors[0].dtype)
     if weights is None:
         weights = torch.ones(num_groups, dtype=acc, device=tensors[0].device)
     elif weights.shape != (num_groups,):
         raise ValueError(f"weights must have shape [{num_groups}], got {tuple(weights.shape)}")
-    return GroupLassoPenaltyFunction.apply(
-        tuple(group_ids), num_groups, weights, impl, *tensors
-    )
+    else:
+        weights = weights.to(tensors[0].device, acc)
+    return apply_group_lasso_penalty(impl, tensors, group_ids, num_groups, weights)
+
+
+def apply_group_lasso_penalty(
+    impl, tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int, weights: Tensor
+) -> Tensor:
+    """The penalty on backend ``impl`` with validated arguments and ``weights`` [num_groups] in
+    the accumulate dtype: the backend's own autograd-aware op where it has one."""
+    fused = getattr(impl, "group_lasso_penalty", None)
+    if fused is not None:
+        return fused(tensors, group_ids, num_groups, weights)
+    return GroupLassoPenaltyFunction.apply(tuple(group_ids), num_groups, weights, impl, *tensors)
 
 
 @torch.no_grad()
@@ -224,7 +243,7 @@ def group_prox_(
 
     ``thresholds`` is λ_g = lr·α·w_g, a float (all groups) or a [num_groups] tensor.
     """
-    _check_group_args(tensors, group_ids, num_groups)
+    impl = _group_backend(tensors, group_ids, num_groups, backend)
     acc = reference.accumulate_dtype(tensors[0].dtype)
     device = tensors[0].device
     if not isinstance(thresholds, Tensor):
@@ -233,5 +252,4 @@ def group_prox_(
         thresholds = torch.full((num_groups,), float(thresholds), dtype=acc, device=device)
     elif thresholds.shape != (num_groups,):
         raise ValueError(f"thresholds must have shape [{num_groups}], got {tuple(thresholds.shape)}")
-    impl = select_backend(device, backend)
-    return impl.group_prox_(list(tensors), list(group_ids), num_groups, thresholds.to(device, acc))
+    return impl.group_prox_(tensors, group_ids, num_groups, thresholds.to(device, acc))

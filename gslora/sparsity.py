@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import select_backend
-from .functional import GroupLassoPenaltyFunction
+from .functional import apply_group_lasso_penalty
 from .reference import accumulate_dtype
 
 __all__ = [
@@ -366,8 +366,8 @@ class GroupSparsity:
         """
         self._check_layout()
         if self._fused:
-            return GroupLassoPenaltyFunction.apply(
-                self._ids_tuple, self.num_groups, self.weights, self._impl, *self.params
+            return apply_group_lasso_penalty(
+                self._impl, self.params, self._ids_tuple, self.num_groups, self.weights
             )
         return _MultiBucketPenaltyFunction.apply(self, self.weights, *self.params)
 
