@@ -36,11 +36,11 @@ DEFAULTS: dict[str, Any] = {
               "head_margin": 0.2, "drop_rate": 0.0},
     "pretrain": {"epochs": 4.0, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.05, "seed": 0},
     "forget": {"r": 8, "lora_alpha": 1.0, "target": "ffn", "group_by": "block",
-               "sparsity": "prox", "alpha": 0.03, "warmup": 0.2, "target_zero_groups": None, "prox_metric": "auto",
+               "sparsity": "prox", "alpha": 0.2, "warmup": 0.2, "target_zero_groups": None, "prox_metric": "auto",
                "beta": 0.2, "bnd": None, "bnd_ratio": 0.85, "steps": 200, "epochs": None,
                "batch_size": 64, "lr": 1e-2, "lr_min": 1e-5, "full_lr": 1e-3,
-               "weight_decay": 0.05, "optimizer": "adamw", "replay_ratio": 0.1,
-               "replay_shots": None, "pro_f": 0.0, "pro_r": 0.0, "bnd_pro": 1.0,
+               "weight_decay": 0.05, "optimizer": "adamw", "replay_ratio": None,
+               "replay_shots": 10, "pro_f": 0.0, "pro_r": 0.0, "bnd_pro": 1.0,
                "eval_batch_size": 500, "ckpt_every": 50, "seed": 0, "device": "cpu",
                "backend": None},
 }
@@ -88,7 +88,11 @@ def load_config(path: str | Path | None) -> dict[str, Any]:
         raise CLIError(f"cannot parse {p}: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise CLIError(f"config file {p} must hold a mapping at the top level")
-    return _merge(DEFAULTS, data, "")
+    cfg = _merge(DEFAULTS, data, "")
+    forget = data.get("forget")
+    if isinstance(forget, dict) and "replay_ratio" in forget and "replay_shots" not in forget:
+        cfg["forget"]["replay_shots"] = None  # a replay ratio replaces the default few-shot replay
+    return cfg
 
 
 # Flags: (flag, section, key, type, help). Section None = top level.
@@ -180,6 +184,8 @@ def _apply_flags(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
         elif typ == "tasks":
             value = _parse_tasks(value)
         (cfg if section is None else cfg[section])[key] = value
+    if getattr(args, "replay_ratio", None) is not None and getattr(args, "replay_shots", None) is None:
+        cfg["forget"]["replay_shots"] = None  # --replay-ratio replaces the few-shot default
     if getattr(args, "retrain", False):
         cfg["retrain"] = True
     return cfg

@@ -107,6 +107,19 @@ def test_config_typo_and_parse_errors(tmp_path, capsys):
     assert cli.load_config(toml)["forget"]["beta"] == 0.5
 
 
+def test_a_replay_ratio_replaces_the_few_shot_default(tmp_path):
+    assert cli.DEFAULTS["forget"]["replay_shots"] is not None  # few-shot replay by default
+    flags = cli.build_parser().parse_args(["forget", "--replay-ratio", "0.2"])
+    cfg = cli._apply_flags(cli.load_config(None), flags)
+    assert cfg["forget"]["replay_ratio"] == 0.2 and cfg["forget"]["replay_shots"] is None
+    both = cli.build_parser().parse_args(["forget", "--replay-ratio", "0.2", "--replay-shots", "5"])
+    assert cli._apply_flags(cli.load_config(None), both)["forget"]["replay_shots"] == 5
+    path = tmp_path / "ratio.yaml"
+    path.write_text("forget:\n  replay_ratio: 0.3\n")
+    cfg = cli.load_config(path)
+    assert cfg["forget"]["replay_ratio"] == 0.3 and cfg["forget"]["replay_shots"] is None
+
+
 def test_corrupt_cached_model_is_one_line(tmp_path, tiny_config, capsys):
     code, out, err = _run(capsys, "pretrain", "--config", tiny_config, "--cache-dir", tmp_path,
                           "--no-progress")
