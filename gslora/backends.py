@@ -56,7 +56,7 @@ class Backend(Protocol):
 
 
 _REGISTRY: dict[str, Any] = {}
-# Successful selections by (device type, requested name, TRITON_INTERPRET). Availability does not
+# Successful selections by (device type, requested name[, TRITON_INTERPRET]). Availability does not
 # change while a process runs, and the uncached checks (extension state, dispatcher queries)
 # cost ~15 µs — as much as a small fused kernel — on every op call.
 _SELECTED: dict[tuple[str, str, str | None], Any] = {}
@@ -95,7 +95,9 @@ def select_backend(device: torch.device | str, requested: str | None = None) -> 
     name = requested if requested is not None else os.environ.get("GSLORA_BACKEND", "")
     if torch.compiler.is_compiling():  # traced once; no cache mutation inside a graph
         return _select(device, requested, name)
-    key = (device.type, name, os.environ.get("TRITON_INTERPRET"))
+    # TRITON_INTERPRET matters only where triton is a candidate: named, or on a CUDA device.
+    interp = os.environ.get("TRITON_INTERPRET") if name == "triton" or device.type == "cuda" else None
+    key = (device.type, name, interp)
     backend = _SELECTED.get(key)
     if backend is None:
         backend = _SELECTED[key] = _select(device, requested, name)
