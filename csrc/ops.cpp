@@ -1,8 +1,8 @@
 // Schemas of the torch.ops.gslora ops and the Python module stub of gslora._C.
 //
 // The CPU kernels register in lora_linear_cpu.cpp and group_ops_cpu.cpp, the CUDA kernels in
-// cuda/gslora_cuda.cu, the device-agnostic penalty and its autograd in group_penalty.cpp, and the
-// fake (meta) kernels for torch.compile in gslora/_fake.py.
+// cuda/gslora_cuda.cu, the device-agnostic autograd ops in lora_linear_autograd.cpp and
+// group_penalty.cpp, and the fake (meta) kernels for torch.compile in gslora/_fake.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -27,6 +27,11 @@ TORCH_LIBRARY(gslora, m) {
       "lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "Tensor xa, float scaling, Tensor? mask, float keep_scale, bool compute_dx) "
       "-> (Tensor, Tensor, Tensor)");
+  // y [..., N] for x [..., K], with its own (C++) autograd over the two ops above; see
+  // lora_linear_autograd.cpp.
+  m.def(
+      "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "float scaling, Tensor? mask, float keep_scale) -> Tensor");
   m.def("group_sq_norms(Tensor[] tensors, int[] group_ids, int num_groups) -> Tensor");
   m.def("group_scale(Tensor[] tensors, int[] group_ids, Tensor coeffs) -> Tensor[]");
   m.def(

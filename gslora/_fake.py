@@ -85,3 +85,18 @@ def _group_lasso_penalty_fake(
     """A 0-d tensor in the accumulate dtype."""
     t0 = tensors[0]
     return t0.new_empty((), dtype=accumulate_dtype(t0.dtype))
+
+
+@torch.library.register_fake("gslora::lora_linear")
+def _lora_linear_fake(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    mask: Tensor | None,
+    keep_scale: float,
+) -> Tensor:
+    """y [..., N] for x [..., K], in x's dtype and on x's device."""
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -4,9 +4,10 @@ A backend is an object with a ``name``, an ``unavailable_reason()`` (None when i
 this machine at all) and a ``reject_reason(device)`` (None when it serves tensors on that
 device), plus the five ops of :mod:`gslora.reference` with the same signatures:
 ``lora_linear_fwd``, ``lora_linear_bwd``, ``group_sq_norms``, ``group_scale``, ``group_prox_``.
-A backend may also offer ``group_lasso_penalty(tensors, group_ids, num_groups, weights)``, a
-differentiable penalty with its own backward; without it, :mod:`gslora.functional` builds the
-penalty from ``group_sq_norms`` and ``group_scale`` in a Python autograd function.
+A backend may also offer differentiable versions with their own backward,
+``lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)`` and
+``group_lasso_penalty(tensors, group_ids, num_groups, weights)``; without them,
+:mod:`gslora.functional` builds both from the five ops in Python autograd functions.
 
 Selection: an explicit ``backend=`` argument, else the ``GSLORA_BACKEND`` environment variable,
 else the first backend of the device's preference list that accepts the inputs. An explicit
@@ -189,6 +190,12 @@ class ExtensionBackend:
 
     def lora_linear_fwd(self, x, weight, bias, lora_A, lora_B, scaling, mask=None, keep_scale=1.0):
         return torch.ops.gslora.lora_linear_fwd(
+            x, weight, bias, lora_A, lora_B, float(scaling), mask, float(keep_scale)
+        )
+
+    def lora_linear(self, x, weight, bias, lora_A, lora_B, scaling, mask=None, keep_scale=1.0):
+        # y with a C++ autograd kernel over the fwd / bwd ops: no Python autograd.Function.
+        return torch.ops.gslora.lora_linear.default(
             x, weight, bias, lora_A, lora_B, float(scaling), mask, float(keep_scale)
         )
 

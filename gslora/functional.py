@@ -111,26 +111,38 @@ def lora_linear(
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast and x.is_floating_point():
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
         bias = None if bias is None else bias.to(dtype)
-    check_lora_args(x, weight, bias, lora_A, lora_B)
     impl = select_backend(x.device, backend)
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    if not x2d.is_contiguous():
-        x2d = x2d.contiguous()
+    if impl.validates_inputs:
+        # The C++ op checks everything else; these two would otherwise fail inside a reshape.
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != weight.shape[-1]:
+            raise ValueError(f"x must have shape [..., {weight.shape[-1]}] (in_features), "
+                             f"got {tuple(x.shape)}")
+    else:
+        check_lora_args(x, weight, bias, lora_A, lora_B)
+    fused = getattr(impl, "lora_linear", None)
+    # The fused op takes x [..., K] as it is; the Python autograd function takes [M, K] rows.
+    rows = x if fused is not None or x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if fused is None and not rows.is_contiguous():
+        rows = rows.contiguous()
     mask, keep_scale = None, 1.0
     if training and dropout > 0.0:
-        mask = torch.rand(x2d.shape, device=x.device) >= dropout
+        mask = torch.rand(rows.shape[:-1].numel(), rows.shape[-1], device=x.device) >= dropout
         keep_scale = 1.0 / (1.0 - dropout)
-    with torch.autocast(x.device.type, enabled=False):
-        y = LoRALinearFunction.apply(
-            x2d, weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(),
-            float(scaling), mask, keep_scale, impl,
-        )
-    return y.reshape(*lead, weight.shape[0])
+    args = (rows, weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(),
+            float(scaling), mask, keep_scale)
+    if not autocast:
+        y = fused(*args) if fused is not None else LoRALinearFunction.apply(*args, impl)
+    else:  # the inputs are cast above; the kernels must not be autocast again
+        with torch.autocast(x.device.type, enabled=False):
+            y = fused(*args) if fused is not None else LoRALinearFunction.apply(*args, impl)
+    return y if y.dim() == x.dim() else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _group_backend(

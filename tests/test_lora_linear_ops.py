@@ -220,6 +220,13 @@ def test_opcheck(backend, device):
     for m, cdx in ((None, True), (mask, True), (mask, False)):
         torch.library.opcheck(torch.ops.gslora.lora_linear_bwd.default,
                               (g, x, W, A, B, xa, 0.5, m, 1.5, cdx))
+    # The differentiable op (C++ autograd): opcheck also tests its autograd registration.
+    xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
+    Wg, bg = W.clone().requires_grad_(), b.clone().requires_grad_()
+    x3 = x.reshape(2, 3, 8).clone().requires_grad_()  # [..., K]: reshaped inside, no view nodes
+    for args in ((xg, W, b, Ag, Bg, 0.5, None, 1.0), (x, Wg, bg, Ag, B, 0.5, mask, 1.5),
+                 (x3, W, b, Ag, Bg, 0.5, mask, 1.5)):
+        torch.library.opcheck(torch.ops.gslora.lora_linear.default, args)
 
 
 @pytest.mark.parametrize("backend,device", COMPILED)
