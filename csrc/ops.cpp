@@ -2,7 +2,7 @@
 //
 // The CPU kernels register in lora_linear_cpu.cpp and group_ops_cpu.cpp, the CUDA kernels in
 // cuda/gslora_cuda.cu, the device-agnostic autograd ops in lora_linear_autograd.cpp and
-// group_penalty.cpp, and the fake (meta) kernels for torch.compile in gslora/_fake.py.
+// group_autograd.cpp, and the fake (meta) kernels for torch.compile in gslora/_fake.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -37,7 +37,7 @@ TORCH_LIBRARY(gslora, m) {
   m.def(
       "group_prox_(Tensor(a!)[] tensors, int[] group_ids, int num_groups, Tensor thresholds) "
       "-> Tensor");
-  // sum_g weights[g] * ||group g||_2 with its own (C++) autograd; see group_penalty.cpp.
+  // sum_g weights[g] * ||group g||_2 with its own (C++) autograd; see group_autograd.cpp.
   m.def(
       "group_lasso_penalty(Tensor[] tensors, int[] group_ids, int num_groups, Tensor weights) "
       "-> Tensor");

@@ -57,10 +57,10 @@ class Backend(Protocol):
 
 
 _REGISTRY: dict[str, Any] = {}
-# Successful selections by (device type, requested name[, TRITON_INTERPRET]). Availability does not
-# change while a process runs, and the uncached checks (extension state, dispatcher queries)
-# cost ~15 µs — as much as a small fused kernel — on every op call.
-_SELECTED: dict[tuple[str, str, str | None], Any] = {}
+# Successful selections by (device as passed, requested name). Availability does not change while
+# a process runs, and the uncached checks (extension state, dispatcher queries) cost ~15 µs — as
+# much as a small fused kernel — on every op call.
+_SELECTED: dict[tuple[Any, str], Any] = {}
 
 
 def register_backend(backend: Any) -> None:
@@ -90,18 +90,18 @@ def select_backend(device: torch.device | str, requested: str | None = None) -> 
     """The backend that will run ops on tensors of ``device``.
 
     ``requested`` (or ``$GSLORA_BACKEND`` when it is None) names one backend; ``"auto"`` or
-    empty means the device's preference list.
+    empty means the device's preference list. ``TRITON_INTERPRET`` is read at the first
+    selection for a device (like triton itself, it must be set before the process starts work).
     """
-    device = device if isinstance(device, torch.device) else torch.device(device)
     name = requested if requested is not None else os.environ.get("GSLORA_BACKEND", "")
-    if torch.compiler.is_compiling():  # traced once; no cache mutation inside a graph
-        return _select(device, requested, name)
-    # TRITON_INTERPRET matters only where triton is a candidate: named, or on a CUDA device.
-    interp = os.environ.get("TRITON_INTERPRET") if name == "triton" or device.type == "cuda" else None
-    key = (device.type, name, interp)
-    backend = _SELECTED.get(key)
+    # Called on every op: the hit path is a single dict lookup (each Python step costs several
+    # µs once a model's forward has evicted the interpreter's caches).
+    backend = _SELECTED.get((device, name))
     if backend is None:
-        backend = _SELECTED[key] = _select(device, requested, name)
+        dev = device if isinstance(device, torch.device) else torch.device(device)
+        backend = _select(dev, requested, name)
+        if not torch.compiler.is_compiling():  # no cache mutation inside a traced graph
+            _SELECTED[(device, name)] = backend
     return backend
 
 
@@ -209,22 +209,20 @@ class ExtensionBackend:
         )
         return (dx if compute_dx else None), dA, dB
 
+    # The .default overloads skip the overload resolution of a packet call. Sequences that are
+    # not lists (tuples) are accepted by the op's argument parser as they are.
     def group_sq_norms(self, tensors, group_ids, num_groups):
-        return torch.ops.gslora.group_sq_norms(list(tensors), list(group_ids), int(num_groups))
+        return torch.ops.gslora.group_sq_norms.default(tensors, group_ids, num_groups)
 
     def group_scale(self, tensors, group_ids, coeffs):
-        return torch.ops.gslora.group_scale(list(tensors), list(group_ids), coeffs)
+        return torch.ops.gslora.group_scale.default(tensors, group_ids, coeffs)
 
     def group_prox_(self, tensors, group_ids, num_groups, thresholds):
-        return torch.ops.gslora.group_prox_(
-            list(tensors), list(group_ids), int(num_groups), thresholds
-        )
+        return torch.ops.gslora.group_prox_.default(tensors, group_ids, num_groups, thresholds)
 
     def group_lasso_penalty(self, tensors, group_ids, num_groups, weights):
         # Forward and backward with a C++ autograd kernel: no per-tensor Python bookkeeping.
-        return torch.ops.gslora.group_lasso_penalty(
-            list(tensors), list(group_ids), int(num_groups), weights
-        )
+        return torch.ops.gslora.group_lasso_penalty.default(tensors, group_ids, num_groups, weights)
 
 
 class TritonBackend:

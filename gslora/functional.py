@@ -151,15 +151,16 @@ def _group_backend(
     """Validate the arguments of a group op and pick the backend that runs it."""
     if len(tensors) == 0:
         raise ValueError("tensors must not be empty")
+    impl = select_backend(tensors[0].device, backend)
+    if impl.validates_inputs:
+        # The compiled ops check the ids and every tensor in C++. Between a model's forward and
+        # backward the interpreter's caches are cold, and these Python loops would cost more
+        # than the fused pass itself.
+        return impl
     if len(group_ids) != len(tensors):
         raise ValueError(f"group_ids has {len(group_ids)} entries for {len(tensors)} tensors")
     if num_groups < 1 or min(group_ids) < 0 or max(group_ids) >= num_groups:
         raise ValueError(f"every group id must lie in [0, {num_groups})")
-    impl = select_backend(tensors[0].device, backend)
-    if impl.validates_inputs:
-        # The compiled ops check every tensor in C++; doing it here again would cost more than
-        # the fused pass itself on small groups.
-        return impl
     device, dtype = tensors[0].device, tensors[0].dtype
     for i, t in enumerate(tensors):
         if not t.is_floating_point():
@@ -178,6 +179,8 @@ def group_sq_norms(
 ) -> Tensor:
     """Σ‖θ_i‖² per group in one fused pass, [num_groups] in the accumulate dtype (no autograd)."""
     impl = _group_backend(tensors, group_ids, num_groups, backend)
+    if impl.validates_inputs:  # the compiled op runs below autograd by itself
+        return impl.group_sq_norms(tensors, group_ids, num_groups)
     with torch.no_grad():
         return impl.group_sq_norms(tensors, group_ids, num_groups)
 
@@ -243,7 +246,6 @@ def apply_group_lasso_penalty(
     return GroupLassoPenaltyFunction.apply(tuple(group_ids), num_groups, weights, impl, *tensors)
 
 
-@torch.no_grad()
 def group_prox_(
     tensors: Sequence[Tensor],
     group_ids: Sequence[int],
@@ -253,15 +255,20 @@ def group_prox_(
 ) -> Tensor:
     """In place θ_g ← θ_g·max(0, 1 − λ_g/‖θ_g‖₂) in one fused pass; returns norms before.
 
-    ``thresholds`` is λ_g = lr·α·w_g, a float (all groups) or a [num_groups] tensor.
+    ``thresholds`` is λ_g = lr·α·w_g, a float (all groups) or a [num_groups] tensor. Like an
+    optimizer step it runs outside autograd (and bumps the tensors' version counters).
     """
     impl = _group_backend(tensors, group_ids, num_groups, backend)
-    acc = reference.accumulate_dtype(tensors[0].dtype)
-    device = tensors[0].device
     if not isinstance(thresholds, Tensor):
         if thresholds < 0:
             raise ValueError(f"thresholds must be >= 0, got {thresholds}")
-        thresholds = torch.full((num_groups,), float(thresholds), dtype=acc, device=device)
-    elif thresholds.shape != (num_groups,):
+        acc = reference.accumulate_dtype(tensors[0].dtype)
+        thresholds = torch.full((num_groups,), float(thresholds), dtype=acc,
+                                device=tensors[0].device)
+    if impl.validates_inputs:  # checks shape, dtype and device of thresholds in C++
+        return impl.group_prox_(tensors, group_ids, num_groups, thresholds)
+    if thresholds.shape != (num_groups,):
         raise ValueError(f"thresholds must have shape [{num_groups}], got {tuple(thresholds.shape)}")
-    return impl.group_prox_(tensors, group_ids, num_groups, thresholds.to(device, acc))
+    thresholds = thresholds.to(tensors[0].device, reference.accumulate_dtype(tensors[0].dtype))
+    with torch.no_grad():
+        return impl.group_prox_(tensors, group_ids, num_groups, thresholds)

@@ -1,15 +1,20 @@
-// The group-lasso penalty P = sum_g w_g ||theta_g||_2 as one op with a C++ autograd kernel.
+// Autograd of the group ops, device-agnostic (the kernels are reached through the dispatcher).
 //
-// Forward and backward are each one fused group op (group_sq_norms, group_scale) reached through
-// the dispatcher, so this file serves CPU and CUDA tensors alike. Doing the autograd in C++
-// rather than in a Python autograd.Function matters for a model's 24-48 LoRA tensors: the Python
-// version spends most of its time on per-tensor bookkeeping, not on the two passes.
-//
-//   dP/dtheta_i = grad * w_g * theta_i / ||theta_g||  for theta_i in group g,
-//   and 0 when ||theta_g|| = 0 (the minimal-norm sub-gradient, never NaN).
+// * group_lasso_penalty: P = sum_g w_g ||theta_g||_2 as one op with a C++ autograd kernel. Forward
+//   and backward are each one fused group op (group_sq_norms, group_scale). Doing the autograd in
+//   C++ rather than in a Python autograd.Function matters for a model's 24-48 LoRA tensors: the
+//   Python version spends most of its time on per-tensor bookkeeping, not on the two passes.
+//     dP/dtheta_i = grad * w_g * theta_i / ||theta_g||  for theta_i in group g,
+//     and 0 when ||theta_g|| = 0 (the minimal-norm sub-gradient, never NaN).
+// * group_sq_norms, group_scale: not differentiable; their Autograd kernels run the op below
+//   autograd, so callers need no Python no_grad() around them.
+// * group_prox_: an optimizer-style in-place update (like torch.optim's steps, outside the graph)
+//   that bumps every tensor's version counter, so autograd still notices that saved tensors
+//   changed.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -98,6 +103,33 @@ at::Tensor group_lasso_penalty_autograd(at::TensorList tensors, at::IntArrayRef 
   return GroupLassoPenalty::apply(tensors, group_ids, num_groups, weights);
 }
 
+at::Tensor group_sq_norms_autograd(at::TensorList tensors, at::IntArrayRef group_ids,
+                                   int64_t num_groups) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return call_group_sq_norms(tensors, group_ids, num_groups);
+}
+
+std::vector<at::Tensor> group_scale_autograd(at::TensorList tensors, at::IntArrayRef group_ids,
+                                             const at::Tensor& coeffs) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return call_group_scale(tensors, group_ids, coeffs);
+}
+
+at::Tensor group_prox_autograd(at::TensorList tensors, at::IntArrayRef group_ids,
+                               int64_t num_groups, const at::Tensor& thresholds) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("gslora::group_prox_", "")
+                       .typed<at::Tensor(at::TensorList, at::IntArrayRef, int64_t,
+                                         const at::Tensor&)>();
+  at::Tensor norms;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    norms = op.call(tensors, group_ids, num_groups, thresholds);
+  }
+  for (const at::Tensor& t : tensors) torch::autograd::impl::bump_version(t);
+  return norms;
+}
+
 }  // namespace
 }  // namespace gslora
 
@@ -107,4 +139,7 @@ TORCH_LIBRARY_IMPL(gslora, CompositeExplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(gslora, Autograd, m) {
   m.impl("group_lasso_penalty", &gslora::group_lasso_penalty_autograd);
+  m.impl("group_sq_norms", &gslora::group_sq_norms_autograd);
+  m.impl("group_scale", &gslora::group_scale_autograd);
+  m.impl("group_prox_", &gslora::group_prox_autograd);
 }
