@@ -43,18 +43,8 @@ constexpr int64_t kParallelMin = 1 << 15;
 // auto-vectoriser, which turned a 16-lane scalar loop into a slow shuffle-heavy SLP kernel.
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef double f64x4 __attribute__((vector_size(32)));
-template <typename A>
-struct Vec32;
-template <>
-struct Vec32<float> {
-  using type = f32x8;
-};
-template <>
-struct Vec32<double> {
-  using type = f64x4;
-};
-template <typename A>
-using vec_t = typename Vec32<A>::type;
+template <typename A>  // A: an accumulate type, float or double
+using vec_t = std::conditional_t<std::is_same_v<A, double>, f64x4, f32x8>;
 
 // v = p[0 .. W) in the accumulate type (an out-parameter: returning a vector by value from a
 // non-AVX translation unit would trip GCC's ABI warning).
