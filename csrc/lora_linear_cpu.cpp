@@ -2,15 +2,14 @@
 //
 // fp32 / fp64 without dropout (the training hot path; measured on an AMD EPYC with MKL):
 //   forward : xa = x A^T (BLAS); y = b + x W_eff^T with W_eff = W + s B A when M > 2K, else
-//             y = b + x W^T and y += s xa B^T (BLAS, beta = 1: one read-modify-write of y).
+//             y = [xa | 1] [s B | b]^T (one rank-(r+1) product that only writes y) and then
+//             y += x W^T inside the big GEMM (beta = 1: y is read in its microkernel).
 //   backward: ONE fused pass over g gives s u = s g B and dB = s g^T xa (explicit AVX2: BLAS
 //             reads g for these rank-r products at a few GB/s, and g^T xa as BLAS sees it costs
-//             as much as the big GEMM); dx = g W_eff when M > 2N, else dx = g W then
-//             dx += (s u) A (BLAS); dA = (s u)^T x (BLAS).
-//   Merging W_eff moves 2-3 [N, K] passes instead of a read-modify-write of [M, N] (or [M, K]),
-//   so it wins for large M; with a dropout mask it is not an identity, so masked calls and the
-//   16-bit dtypes take the fused row-block kernels below (whose u / dB pass is the same AVX2
-//   kernel for fp32).
+//             as much as the big GEMM); dx = (s u) A, then dx += g W inside the big GEMM;
+//             dA = (s u)^T x (BLAS).
+//   With a dropout mask W_eff is not an identity, so masked calls and the 16-bit dtypes take
+//   the fused row-block kernels below (whose u / dB pass is the same AVX2 kernel for fp32).
 //
 // Fused row-block kernels. The two big products (x W^T in the forward, g W in the backward) go to ATen's GEMM (MKL /
 // oneDNN). Everything the adapter adds is memory traffic over skinny [M, r] products, so it runs
@@ -336,14 +335,11 @@ bool cpu_has_avx2_fma() {
 // ---------------------------------------------------------------------------------------------
 // fp32 / fp64 without dropout: BLAS for every product, the fused K1 pass only where BLAS is
 // slow (u = s g B and dB = s g^T xa: MKL's skinny paths read g at a few GB/s, and g^T xa as
-// written is as slow as the full GEMM), and the merged weight W_eff = W + s B A where it moves
-// fewer bytes than the rank-r read-modify-write of y or dx (which is not possible with a mask,
-// since the mask applies to x / u A, not to W):
-//   forward : y = b + x W_eff^T   costs 2 extra passes over [N, K] (write W_eff, read by GEMM)
-//             y += s xa B^T        costs a read-modify-write pass over [M, N]
-//   backward: dx = g W_eff         vs dx += s u A over [M, K].
-// Both read/write ~the same bytes per element, so merge when M > kMergeRatio * (K or N); the
-// ratio 2 was measured (AMD EPYC, MKL, 2 threads): W_eff costs ~2x the bytes/s of the update.
+// written is as slow as the full GEMM). In the forward the merged weight W_eff = W + s B A
+// (2 extra passes over [N, K], not possible with a mask) replaces the rank-(r+1) product over
+// [M, N] when M > kMergeRatio * K (measured on an AMD EPYC, MKL, 2 threads: at M = 4096,
+// K = 384 the merge saves ~6 % of the forward, at M = 1024 the two are even). In the backward
+// the unmerged order measured as fast as the merge at every M, so it is always used.
 constexpr int64_t kMergeRatio = 2;
 
 // dB [N, r] = s * sum over threads of the partial sums dB_part [T, N, RP], in one loop (the
@@ -383,8 +379,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_blas(const at::Tensor& x, const at::Tenso
     const at::Tensor w_eff = merged_weight(weight, lora_A, lora_B, scaling);
     y = has_bias ? at::addmm(*bias, x, w_eff.t()) : at::mm(x, w_eff.t());
   } else {
-    y = has_bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-    y.addmm_(xa, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);
+    // The adapter term (and the bias) first, as one rank-(r+1) product that only writes y:
+    // y = [xa | 1] [s B | b]^T. The big GEMM then adds x W^T with beta = 1, reading y inside its
+    // microkernel. The other order (bias copy, GEMM, then y += s xa B^T) sweeps y once more.
+    const at::Tensor sB = lora_B * scaling;
+    y = has_bias ? at::mm(at::cat({xa, at::ones({M, 1}, xa.options())}, 1),
+                          at::cat({sB, bias->unsqueeze(1)}, 1).t())
+                 : at::mm(xa, sB.t());
+    y.addmm_(x, weight.t());
   }
   return {y, xa};
 }
@@ -422,11 +424,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_blas(
   at::Tensor dx;
   if (!compute_dx) {
     dx = at::empty({0}, x.options());
-  } else if (M > kMergeRatio * N) {
-    dx = at::mm(g, merged_weight(weight, lora_A, lora_B, scaling));
   } else {
-    dx = at::mm(g, weight);
-    dx.addmm_(u_r, lora_A);
+    // s u A writes dx once; the GEMM adds g W with beta = 1, reading dx inside its microkernel.
+    // Measured as fast as g W_eff for every M (which costs two passes over [N, K]).
+    dx = at::mm(u_r, lora_A);
+    dx.addmm_(g, weight);
   }
   at::Tensor dA = at::mm(u_r.t(), x);
   return {dx, dA, reduce_dB<T>(dB_part, r, scaling)};
