@@ -45,14 +45,14 @@ std::vector<at::Tensor> call_group_scale(at::TensorList tensors, at::IntArrayRef
 std::pair<at::Tensor, at::Tensor> penalty_and_norms(at::TensorList tensors,
                                                     at::IntArrayRef group_ids, int64_t num_groups,
                                                     const at::Tensor& weights) {
-  const char* op = "gslora::group_lasso_penalty";
-  check_group_args(op, tensors, group_ids, num_groups);
-  check_group_vector(op, "weights", weights, num_groups, tensors[0].device());
-  TORCH_CHECK(weights.scalar_type() == accumulate_type(tensors[0].scalar_type()), op,
-              ": weights must have the accumulate dtype ",
-              accumulate_type(tensors[0].scalar_type()), " of the tensors, got ",
-              weights.scalar_type());
+  // group_sq_norms validates the tensors and ids (it runs first so that tensors[0] exists);
+  // only the weights are checked here.
   const at::Tensor norms = call_group_sq_norms(tensors, group_ids, num_groups).sqrt_();
+  const char* op = "gslora::group_lasso_penalty";
+  check_group_vector(op, "weights", weights, num_groups, norms.device());
+  TORCH_CHECK(weights.scalar_type() == norms.scalar_type(), op,
+              ": weights must have the accumulate dtype ", norms.scalar_type(),
+              " of the tensors, got ", weights.scalar_type());
   return {norms, at::dot(norms, weights)};
 }
 
