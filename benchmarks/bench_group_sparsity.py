@@ -7,13 +7,20 @@ Phases and providers:
 * ``norms``       ‖θ_g‖₂ of every group
 * ``norms+prox``  one proximal step θ_g ← θ_g·max(0, 1 − λ_g/‖θ_g‖) (norms, then scale in place)
 * ``penalty``     Σ_g ‖θ_g‖₂ forward and backward (the authors' way of sparsifying)
+* ``adamw+prox``  one optimizer step: AdamW on every tensor, then the proximal step
 
   ``gslora``   the fused ops of :mod:`gslora.functional` (``group_norms``, ``group_prox_``,
                ``group_lasso_penalty``), default backend (``cpu`` when gslora._C is built)
   ``loop``     a per-tensor Python loop, as research code writes it (autograd for the penalty)
   ``foreach``  ``torch._foreach_norm`` + one ``index_add_`` per call + ``torch._foreach_mul_``
   ``floor``    one pass over the same number of bytes: a reduction of one flat tensor (norms),
-               one in-place multiply (prox), a reduction plus an out-of-place multiply (penalty)
+               one in-place multiply (prox), a reduction plus an out-of-place multiply (penalty),
+               one in-place multiply over θ, m and v, the bytes the step must write (adamw+prox)
+
+  For ``adamw+prox``: ``gslora`` is ``ProxOptimizer(torch.optim.AdamW)``, which runs the fused
+  ``adamw_prox_`` kernel; ``gslora-unfused`` the same with ``fused=False`` (AdamW's own step,
+  then ``group_prox_``); ``loop`` AdamW (per tensor, torch's CPU default) + the loop prox;
+  ``foreach`` AdamW(foreach=True) + the ``_foreach`` prox.
 
 Ratios are against ``floor``. λ is 1e-4 of each group's initial norm, so groups shrink slowly
 and never reach zero (a zero group would let a kernel skip work a trained model has).
@@ -34,8 +41,9 @@ from .common import gslora_backend_name
 from .harness import BenchRun, Case, base_parser, require_float_dtype, select_providers
 
 BENCH = "group_sparsity"
-PROVIDERS = ("gslora", "loop", "foreach", "floor")
-PHASES = ("norms", "norms+prox", "penalty")
+PROVIDERS = ("gslora", "gslora-unfused", "loop", "foreach", "floor")
+PHASES = ("norms", "norms+prox", "penalty", "adamw+prox")
+LR = 1e-3  # AdamW's learning rate in the adamw+prox phase
 LAYOUTS = {"vit_b16": (12, 768, 3072), "face_vit": (6, 512, 2048)}
 FULL = {"layouts": ["vit_b16", "face_vit"], "r": [8, 16]}
 QUICK = {"layouts": ["face_vit"], "r": [8]}
@@ -117,7 +125,32 @@ def build_cases(names: Sequence[str], tensors0: Sequence[Tensor], ids: Sequence[
     def copies(requires_grad: bool = False) -> list[Tensor]:
         return [t.detach().clone().requires_grad_(requires_grad) for t in tensors0]
 
+    # adamw+prox: α such that λ = LR·α is the smallest of the λ_g above (no group dies).
+    alpha = float(lam.min()) / LR
+    grads = [torch.randn_like(t) * 1e-3 for t in tensors0]
+
+    def optimizer_step(name: str) -> Case:
+        from gslora.sparsity import GroupSparsity, ProxOptimizer
+
+        params = copies()
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        if name.startswith("gslora"):
+            sp = GroupSparsity([(f"g{g}", [params[i] for i in m]) for g, m in enumerate(members)])
+            opt = ProxOptimizer(torch.optim.AdamW(list(sp.params), lr=LR), sp, alpha,
+                                fused=name == "gslora")
+            return Case(lambda _: opt.step())
+        adamw = torch.optim.AdamW(params, lr=LR, foreach=name == "foreach")
+        lam_step = torch.full((G,), LR * alpha, device=device)
+        if name == "loop":
+            return Case(lambda _: (adamw.step(), loop_prox_(params, members, lam_step)))
+        return Case(lambda _: (adamw.step(), foreach_prox_(params, ids_t, G, lam_step)))
+
     for name in names:
+        if name != "floor":
+            cases["adamw+prox"][name] = optimizer_step(name)
+        if name == "gslora-unfused":
+            continue
         ts, leaves = copies(), copies(True)
 
         def clear(leaves=leaves) -> None:
@@ -146,6 +179,8 @@ def build_cases(names: Sequence[str], tensors0: Sequence[Tensor], ids: Sequence[
             cases["norms+prox"][name] = Case(lambda _, f=flat: f.mul_(1 - 1e-7))
             cases["penalty"][name] = Case(
                 lambda _, f=flat: (torch.linalg.vector_norm(f), torch.mul(f, 0.5)))
+            flat3 = torch.randn(3 * numel, device=device, dtype=tensors0[0].dtype)
+            cases["adamw+prox"][name] = Case(lambda _, f=flat3: f.mul_(1 - 1e-7))
     return cases
 
 

@@ -10,7 +10,8 @@
 //   autograd, so callers need no Python no_grad() around them.
 // * group_prox_: an optimizer-style in-place update (like torch.optim's steps, outside the graph)
 //   that bumps every tensor's version counter, so autograd still notices that saved tensors
-//   changed.
+//   changed. adamw_prox_ (the optimizer step fused with it) likewise, for params and the two
+//   state lists.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -130,6 +131,28 @@ at::Tensor group_prox_autograd(at::TensorList tensors, at::IntArrayRef group_ids
   return norms;
 }
 
+std::tuple<at::Tensor, at::Tensor> adamw_prox_autograd(
+    at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+    at::TensorList exp_avg_sqs, at::TensorList state_steps, at::IntArrayRef group_ids,
+    int64_t num_groups, const at::Tensor& thresholds, double lr, double beta1, double beta2,
+    double eps, double weight_decay, bool adam_metric) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("gslora::adamw_prox_", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                           at::TensorList, at::IntArrayRef, int64_t, const at::Tensor&, double,
+                           double, double, double, double, bool)>();
+  std::tuple<at::Tensor, at::Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = op.call(params, grads, exp_avgs, exp_avg_sqs, state_steps, group_ids, num_groups,
+                  thresholds, lr, beta1, beta2, eps, weight_decay, adam_metric);
+  }
+  for (at::TensorList list : {params, exp_avgs, exp_avg_sqs, state_steps})
+    for (const at::Tensor& t : list) torch::autograd::impl::bump_version(t);
+  return out;
+}
+
 }  // namespace
 }  // namespace gslora
 
@@ -142,4 +165,5 @@ TORCH_LIBRARY_IMPL(gslora, Autograd, m) {
   m.impl("group_sq_norms", &gslora::group_sq_norms_autograd);
   m.impl("group_scale", &gslora::group_scale_autograd);
   m.impl("group_prox_", &gslora::group_prox_autograd);
+  m.impl("adamw_prox_", &gslora::adamw_prox_autograd);
 }

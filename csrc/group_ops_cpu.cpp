@@ -1,5 +1,6 @@
-// CPU kernels of the group-sparsity ops: per-group squared norms, per-group scaling and the
-// in-place proximal step (block soft-thresholding), over a whole list of tensors in one call.
+// CPU kernels of the group-sparsity ops: per-group squared norms, per-group scaling, the in-place
+// proximal step (block soft-thresholding) and the AdamW step fused with it, over a whole list of
+// tensors in one call.
 //
 // The threads split every group evenly between them (so the work balances whatever the number
 // and sizes of the groups): each sums the squares of its share, and for the prox the team meets
@@ -16,7 +17,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -327,10 +330,251 @@ at::Tensor group_prox_cpu(at::TensorList tensors, at::IntArrayRef group_ids, int
   return norms;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fused AdamW + proximal step: per group, every thread applies torch.optim.AdamW's update to its
+// share of the group's elements (θ, m, v written once) while summing θ² (and v, for the threshold
+// in Adam's metric) of the updated values; after the per-group barrier it scales its share, which
+// is still in its cache. The separate optimizer step and prox read θ once more and write it twice.
+
+// AdamW's per-call constants in the accumulate type, as torch.optim.AdamW rounds them.
+template <typename A>
+struct AdamWCoefs {
+  A decay;      // 1 - lr * weight_decay
+  A w1;         // 1 - beta1, the lerp weight of exp_avg towards grad
+  A beta2, w2;  // exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * grad^2
+  A bc2_sqrt;   // sqrt(1 - beta2^step)
+  A eps;
+  A step_size;  // lr / (1 - beta1^step)
+};
+
+// AdamW on n elements, in the accumulate type, each stored value rounded once. Adds Σθ² and Σv of
+// the stored updated values to sq / sv. The formulas (and their evaluation order) are those of
+// torch.optim.AdamW's single-tensor step: θ *= decay; m = lerp(m, g, w1); v = v β2 + w2 g g;
+// θ += -step_size · m / (√v / √bc2 + eps).
+template <typename T>
+inline void adamw_update_impl(T* __restrict p, const T* __restrict g, T* __restrict m,
+                              T* __restrict v, int64_t n, const AdamWCoefs<acc_t<T>>& c,
+                              double& sq, double& sv) {
+  using A = acc_t<T>;
+  // torch's lerp switches formulas at weight 0.5 for accuracy; so does this.
+  const bool lerp_low = c.w1 < A(0.5);
+  const A w1c = A(1) - c.w1;
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t c1 = std::min(n, c0 + kChunk);
+    A csq = A(0), csv = A(0);
+#pragma omp simd reduction(+ : csq, csv)
+    for (int64_t i = c0; i < c1; ++i) {
+      const A gi = static_cast<A>(g[i]);
+      const A m0 = static_cast<A>(m[i]);
+      const A mi = lerp_low ? m0 + c.w1 * (gi - m0) : gi - (gi - m0) * w1c;
+      const A vi = static_cast<A>(v[i]) * c.beta2 + c.w2 * gi * gi;
+      const A denom = gsqrt(vi) / c.bc2_sqrt + c.eps;
+      const A pi = static_cast<A>(p[i]) * c.decay + (-c.step_size) * (mi / denom);
+      const T ps = static_cast<T>(pi), vs = static_cast<T>(vi);
+      p[i] = ps;
+      m[i] = static_cast<T>(mi);
+      v[i] = vs;
+      const A pr = static_cast<A>(ps);
+      csq += pr * pr;
+      csv += static_cast<A>(vs);
+    }
+    sq += static_cast<double>(csq);
+    sv += static_cast<double>(csv);
+  }
+}
+
+#define GSLORA_DEFINE_ADAMW_KERNEL(T, SUFFIX)                                                     \
+  GSLORA_CLONES void adamw_update_##SUFFIX(T* p, const T* g, T* m, T* v, int64_t n,               \
+                                           const AdamWCoefs<acc_t<T>>& c, double& sq,             \
+                                           double& sv) {                                          \
+    adamw_update_impl<T>(p, g, m, v, n, c, sq, sv);                                               \
+  }
+GSLORA_DEFINE_ADAMW_KERNEL(float, f32)
+GSLORA_DEFINE_ADAMW_KERNEL(double, f64)
+GSLORA_DEFINE_ADAMW_KERNEL(c10::BFloat16, bf16)
+GSLORA_DEFINE_ADAMW_KERNEL(c10::Half, f16)
+#undef GSLORA_DEFINE_ADAMW_KERNEL
+
+inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n,
+                         const AdamWCoefs<float>& c, double& sq, double& sv) {
+  adamw_update_f32(p, g, m, v, n, c, sq, sv);
+}
+inline void adamw_update(double* p, const double* g, double* m, double* v, int64_t n,
+                         const AdamWCoefs<double>& c, double& sq, double& sv) {
+  adamw_update_f64(p, g, m, v, n, c, sq, sv);
+}
+inline void adamw_update(c10::BFloat16* p, const c10::BFloat16* g, c10::BFloat16* m,
+                         c10::BFloat16* v, int64_t n, const AdamWCoefs<float>& c, double& sq,
+                         double& sv) {
+  adamw_update_bf16(p, g, m, v, n, c, sq, sv);
+}
+inline void adamw_update(c10::Half* p, const c10::Half* g, c10::Half* m, c10::Half* v, int64_t n,
+                         const AdamWCoefs<float>& c, double& sq, double& sv) {
+  adamw_update_f16(p, g, m, v, n, c, sq, sv);
+}
+
+// The tensors of one adamw_prox_ call, contiguous (views of the inputs, or copies).
+struct AdamWTensors {
+  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs;
+};
+
+// Group by group: every thread updates its share and sums θ² and v, the team meets at a barrier,
+// the threshold λ_g is final (divided by Adam's scale d_g = √(mean v̂) + eps for adam_metric, when
+// d_g > 0) and every thread shrinks its share. norms: ‖θ_g‖ after the AdamW update; lam_out: λ_g.
+template <typename T>
+void adamw_prox_kernel(const AdamWTensors& ts, const GroupPlan& plan,
+                       const AdamWCoefs<acc_t<T>>& c, double bc2, bool adam_metric,
+                       const acc_t<T>* lam_in, acc_t<T>* norms, acc_t<T>* lam_out) {
+  using A = acc_t<T>;
+  const int64_t G = static_cast<int64_t>(plan.size.size());
+  const int nthreads = plan.parallel ? at::get_num_threads() : 1;
+  std::vector<double> part_sq(G * nthreads, 0.0), part_v(G * nthreads, 0.0);
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {
+    const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+    for (int64_t g = 0; g < G; ++g) {
+      const auto [lo, hi] = share(plan.size[g], tid, team);
+      double sq = 0.0, sv = 0.0;
+      for_each_piece(ts.params, plan.members[g], lo, hi, [&](int64_t i, int64_t off, int64_t n) {
+        adamw_update(ts.params[i].data_ptr<T>() + off, ts.grads[i].const_data_ptr<T>() + off,
+                     ts.exp_avgs[i].data_ptr<T>() + off, ts.exp_avg_sqs[i].data_ptr<T>() + off, n,
+                     c, sq, sv);
+      });
+      part_sq[g * nthreads + tid] = sq;
+      part_v[g * nthreads + tid] = sv;
+#pragma omp barrier
+      double sq_all = 0.0, v_all = 0.0;
+      for (int t = 0; t < team; ++t) {
+        sq_all += part_sq[g * nthreads + t];
+        v_all += part_v[g * nthreads + t];
+      }
+      const A norm = gsqrt(static_cast<A>(sq_all));
+      A lam = lam_in[g];
+      if (adam_metric) {
+        const A d = gsqrt(static_cast<A>(v_all / (static_cast<double>(plan.size[g]) * bc2))) + c.eps;
+        if (d > A(0) && d < std::numeric_limits<A>::infinity()) lam = lam / d;
+      }
+      if (tid == 0) {
+        norms[g] = norm;
+        lam_out[g] = lam;
+      }
+      const A f = prox_factor<A>(norm, lam);
+      if (f == A(1)) continue;  // lam == 0: nothing to shrink
+      for_each_piece(ts.params, plan.members[g], lo, hi, [&](int64_t i, int64_t off, int64_t n) {
+        T* p = ts.params[i].data_ptr<T>() + off;
+        scale(p, p, n, f);
+      });
+    }
+  }
+}
+
+// `name`[i] must match params[i] in shape, dtype and device.
+void check_like_params(const char* op, const char* name, at::TensorList ts, at::TensorList params) {
+  TORCH_CHECK(ts.size() == params.size(), op, ": ", name, " has ", ts.size(), " tensors for ",
+              params.size(), " params (one per param)");
+  for (size_t i = 0; i < ts.size(); ++i) {
+    TORCH_CHECK(ts[i].defined(), op, ": ", name, "[", i, "] is undefined");
+    TORCH_CHECK(ts[i].sizes() == params[i].sizes(), op, ": ", name, "[", i, "] has shape ",
+                ts[i].sizes(), " but params[", i, "] has shape ", params[i].sizes());
+    TORCH_CHECK(ts[i].scalar_type() == params[i].scalar_type(), op, ": ", name, "[", i,
+                "] has dtype ", ts[i].scalar_type(), " but params[", i, "] has dtype ",
+                params[i].scalar_type());
+    TORCH_CHECK(ts[i].device() == params[i].device(), op, ": ", name, "[", i, "] is on ",
+                ts[i].device(), " but params[", i, "] is on ", params[i].device());
+  }
+}
+
+// AdamW's step counts (float CPU scalars, one per param, as torch.optim.AdamW keeps them) must all
+// be equal: returns their value. Nothing is changed here, so a failed call leaves the state as it was.
+double common_step(const char* op, at::TensorList steps, size_t n) {
+  TORCH_CHECK(steps.size() == n, op, ": state_steps has ", steps.size(), " tensors for ", n,
+              " params (one per param)");
+  double value = 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& t = steps[i];
+    TORCH_CHECK(t.defined() && t.device().is_cpu() && t.numel() == 1 &&
+                    (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+                op, ": state_steps[", i, "] must be a one-element float CPU tensor (AdamW's step)");
+    const double s = t.scalar_type() == at::kFloat ? double(*t.const_data_ptr<float>())
+                                                    : *t.const_data_ptr<double>();
+    if (i == 0) value = s;
+    TORCH_CHECK(s == value, op, ": state_steps[", i, "] = ", s, " but state_steps[0] = ", value,
+                ": the fused step needs one step count for all params");
+  }
+  return value;
+}
+
+void increment_steps(at::TensorList steps) {
+  for (const at::Tensor& t : steps) {
+    if (t.scalar_type() == at::kFloat) *const_cast<at::Tensor&>(t).data_ptr<float>() += 1.0f;
+    else *const_cast<at::Tensor&>(t).data_ptr<double>() += 1.0;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> adamw_prox_cpu(
+    at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+    at::TensorList exp_avg_sqs, at::TensorList state_steps, at::IntArrayRef group_ids,
+    int64_t num_groups, const at::Tensor& thresholds_in, double lr, double beta1, double beta2,
+    double eps, double weight_decay, bool adam_metric) {
+  const char* op = "gslora::adamw_prox_";
+  check_group_args(op, params, group_ids, num_groups);
+  check_like_params(op, "grads", grads, params);
+  check_like_params(op, "exp_avgs", exp_avgs, params);
+  check_like_params(op, "exp_avg_sqs", exp_avg_sqs, params);
+  const double step = common_step(op, state_steps, params.size()) + 1.0;
+  check_group_vector(op, "thresholds", thresholds_in, num_groups, params[0].device());
+  TORCH_CHECK(lr >= 0 && std::isfinite(lr), op, ": lr must be finite and >= 0, got ", lr);
+  TORCH_CHECK(beta1 >= 0 && beta1 < 1, op, ": beta1 must lie in [0, 1), got ", beta1);
+  TORCH_CHECK(beta2 >= 0 && beta2 < 1, op, ": beta2 must lie in [0, 1), got ", beta2);
+  TORCH_CHECK(eps >= 0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK(weight_decay >= 0 && std::isfinite(weight_decay), op,
+              ": weight_decay must be finite and >= 0, got ", weight_decay);
+  TORCH_CHECK(step >= 1 && std::isfinite(step), op,
+              ": state_steps must be >= 0 (the count before this update), got ", step - 1);
+  const auto acc = accumulate_type(params[0].scalar_type());
+  const at::Tensor lam = thresholds_in.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "adamw_prox_cpu_check", [&] {
+    const scalar_t* l = lam.const_data_ptr<scalar_t>();
+    for (int64_t g = 0; g < num_groups; ++g)
+      TORCH_CHECK(l[g] >= scalar_t(0), op, ": thresholds must be >= 0, got ", l[g], " for group ",
+                  g);
+  });
+  const double bc1 = 1.0 - std::pow(beta1, step), bc2 = 1.0 - std::pow(beta2, step);
+  at::Tensor norms = at::empty({num_groups}, params[0].options().dtype(acc));
+  at::Tensor lam_used = at::empty({num_groups}, params[0].options().dtype(acc));
+  // Non-contiguous tensors are updated through contiguous copies, written back afterwards.
+  const AdamWTensors ts{contiguous_all(params), contiguous_all(grads), contiguous_all(exp_avgs),
+                        contiguous_all(exp_avg_sqs)};
+  const GroupPlan plan = plan_groups(params, group_ids, num_groups);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(),
+                                  "adamw_prox_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const AdamWCoefs<A> c{static_cast<A>(1.0 - lr * weight_decay),
+                          static_cast<A>(1.0 - beta1),
+                          static_cast<A>(beta2),
+                          static_cast<A>(1.0 - beta2),
+                          static_cast<A>(std::sqrt(bc2)),
+                          static_cast<A>(eps),
+                          static_cast<A>(lr / bc1)};
+    adamw_prox_kernel<scalar_t>(ts, plan, c, bc2, adam_metric, lam.const_data_ptr<A>(),
+                                norms.data_ptr<A>(), lam_used.data_ptr<A>());
+  });
+  auto write_back = [](at::TensorList dst, const std::vector<at::Tensor>& src) {
+    for (size_t i = 0; i < dst.size(); ++i)
+      if (!src[i].is_same(dst[i])) const_cast<at::Tensor&>(dst[i]).copy_(src[i]);
+  };
+  write_back(params, ts.params);
+  write_back(exp_avgs, ts.exp_avgs);
+  write_back(exp_avg_sqs, ts.exp_avg_sqs);
+  increment_steps(state_steps);
+  return {norms, lam_used};
+}
+
 }  // namespace
 }  // namespace gslora
 
 TORCH_LIBRARY_IMPL(gslora, CPU, m) {
+  m.impl("adamw_prox_", &gslora::adamw_prox_cpu);
   m.impl("group_sq_norms", &gslora::group_sq_norms_cpu);
   m.impl("group_scale", &gslora::group_scale_cpu);
   m.impl("group_prox_", &gslora::group_prox_cpu);

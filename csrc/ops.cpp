@@ -37,6 +37,15 @@ TORCH_LIBRARY(gslora, m) {
   m.def(
       "group_prox_(Tensor(a!)[] tensors, int[] group_ids, int num_groups, Tensor thresholds) "
       "-> Tensor");
+  // torch.optim.AdamW's step on every param (state_steps: its per-param step counts, all equal,
+  // incremented here), then group_prox_ with thresholds[g] (divided by d_g = sqrt(mean v_hat
+  // over the group) + eps when adam_metric), one pass per group.
+  // Returns (norms after the AdamW update, thresholds used), both [num_groups].
+  m.def(
+      "adamw_prox_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, int[] group_ids, int num_groups, "
+      "Tensor thresholds, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "bool adam_metric) -> (Tensor, Tensor)");
   // sum_g weights[g] * ||group g||_2 with its own (C++) autograd; see group_autograd.cpp.
   m.def(
       "group_lasso_penalty(Tensor[] tensors, int[] group_ids, int num_groups, Tensor weights) "

@@ -78,6 +78,19 @@ def _group_prox_fake(
     return t0.new_empty((num_groups,), dtype=accumulate_dtype(t0.dtype))
 
 
+@torch.library.register_fake("gslora::adamw_prox_")
+def _adamw_prox_fake(
+    params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor], state_steps: Sequence[Tensor], group_ids: Sequence[int],
+    num_groups: int, thresholds: Tensor, lr: float, beta1: float, beta2: float, eps: float,
+    weight_decay: float, adam_metric: bool,
+) -> tuple[Tensor, Tensor]:
+    """Norms and thresholds, [num_groups] each in the accumulate dtype (the lists change in place)."""
+    t0 = params[0]
+    acc = accumulate_dtype(t0.dtype)
+    return t0.new_empty((num_groups,), dtype=acc), t0.new_empty((num_groups,), dtype=acc)
+
+
 @torch.library.register_fake("gslora::group_lasso_penalty")
 def _group_lasso_penalty_fake(
     tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int, weights: Tensor

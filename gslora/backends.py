@@ -2,8 +2,10 @@
 
 A backend is an object with a ``name``, an ``unavailable_reason()`` (None when it can run on
 this machine at all) and a ``reject_reason(device)`` (None when it serves tensors on that
-device), plus the five ops of :mod:`gslora.reference` with the same signatures:
-``lora_linear_fwd``, ``lora_linear_bwd``, ``group_sq_norms``, ``group_scale``, ``group_prox_``.
+device), plus the six ops of :mod:`gslora.reference` with the same signatures:
+``lora_linear_fwd``, ``lora_linear_bwd``, ``group_sq_norms``, ``group_scale``, ``group_prox_``
+and ``adamw_prox_`` (the AdamW step fused with the prox; a backend without a kernel for it
+serves it with the reference, which is the same math op by op).
 A backend may also offer differentiable versions with their own backward,
 ``lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)`` and
 ``group_lasso_penalty(tensors, group_ids, num_groups, weights)``; without them,
@@ -148,6 +150,7 @@ class TorchBackend:
     group_sq_norms = staticmethod(reference.group_sq_norms)
     group_scale = staticmethod(reference.group_scale)
     group_prox_ = staticmethod(reference.group_prox_)
+    adamw_prox_ = staticmethod(reference.adamw_prox_)
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -172,6 +175,7 @@ class ExtensionBackend:
         self.name = name
         self.device_type = device_type
         self.dispatch_key = dispatch_key
+        self._adamw_kernel: bool | None = None
 
     def unavailable_reason(self) -> str | None:
         error = _ext.load_error()
@@ -224,6 +228,20 @@ class ExtensionBackend:
         # Forward and backward with a C++ autograd kernel: no per-tensor Python bookkeeping.
         return torch.ops.gslora.group_lasso_penalty.default(tensors, group_ids, num_groups, weights)
 
+    def adamw_prox_(self, params, grads, exp_avgs, exp_avg_sqs, state_steps, group_ids,
+                    num_groups, thresholds, lr, beta1, beta2, eps, weight_decay, adam_metric):
+        if self._adamw_kernel is None:  # cached: the query costs as much as a small step
+            self._adamw_kernel = _has_kernel("gslora::adamw_prox_", self.dispatch_key)
+        if not self._adamw_kernel:
+            # The fused optimizer kernel exists for the CPU only so far: the same math, op by op.
+            return reference.adamw_prox_(params, grads, exp_avgs, exp_avg_sqs, state_steps,
+                                         group_ids, num_groups, thresholds, lr, beta1, beta2, eps,
+                                         weight_decay, adam_metric)
+        return torch.ops.gslora.adamw_prox_.default(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, group_ids, num_groups, thresholds,
+            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+            bool(adam_metric))
+
 
 class TritonBackend:
     """Triton kernels of :mod:`gslora.kernels`; on the CPU only under ``TRITON_INTERPRET=1``."""
@@ -258,6 +276,8 @@ class TritonBackend:
         if op in ("lora_linear_fwd", "lora_linear_bwd", "group_sq_norms", "group_scale",
                   "group_prox_"):
             return getattr(self._kernels(), op)
+        if op == "adamw_prox_":  # no Triton kernel for the fused optimizer step: the reference
+            return reference.adamw_prox_
         raise AttributeError(op)
 
 

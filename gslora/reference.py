@@ -19,6 +19,15 @@ Backward, with g = ∂L/∂y [M, N] and u = g B [M, r]::
 Group sparsity: tensor θ_i belongs to group ``group_ids[i]`` (a list of ints, one per tensor);
 ‖θ_g‖₂ is the L2 norm of the concatenation of the group's tensors. Per-group vectors (norms,
 thresholds, coefficients) live on the tensors' device in the accumulate dtype.
+
+Fused optimizer step (``adamw_prox_``): torch.optim.AdamW's update of every tensor (step count
+t after the update, v̂ = v / (1 − β₂ᵗ))::
+
+    θ ← θ (1 − lr·wd);  m ← lerp(m, ∇, 1 − β₁);  v ← β₂ v + (1 − β₂) ∇²
+    θ ← θ − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)
+
+then the proximal step of every group with λ_g = thresholds[g], or, in Adam's metric,
+λ_g = thresholds[g] / d_g with d_g = √(mean_{i∈g} v̂_i) + ε (when d_g > 0).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ __all__ = [
     "group_sq_norms",
     "group_norms",
     "group_lasso_penalty",
+    "adamw_prox_",
     "group_scale",
     "group_prox_",
 ]
@@ -181,3 +191,58 @@ def group_prox_(
         for t, g in zip(tensors, ids, strict=True):
             t.copy_((t.to(norms.dtype) * factor[g]).to(t.dtype))
     return norms
+
+
+def adamw_prox_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    group_ids: Sequence[int],
+    num_groups: int,
+    thresholds: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    adam_metric: bool,
+) -> tuple[Tensor, Tensor]:
+    """AdamW on every tensor, then the group prox (see the module docstring), in place.
+
+    ``state_steps`` are AdamW's per-tensor step counts (one-element tensors), all equal; they are
+    incremented, and t is their value after that. Returns the norms after the AdamW update
+    (before shrinking) and the thresholds λ_g used, both [num_groups].
+    """
+    ids = _check_groups(params, group_ids, num_groups)
+    lists = (grads, exp_avgs, exp_avg_sqs, state_steps)
+    if any(len(ts) != len(params) for ts in lists):
+        raise ValueError("grads, exp_avgs, exp_avg_sqs and state_steps need one entry per param")
+    counts = {float(s) for s in state_steps}
+    if len(counts) != 1:
+        raise ValueError(f"state_steps must all be equal, got {sorted(counts)}")
+    step = counts.pop() + 1
+    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+    with torch.no_grad():
+        # torch.optim.AdamW's single-tensor step, op for op.
+        for p, g, m, v, s in zip(params, *lists, strict=True):
+            s += 1
+            p.mul_(1 - lr * weight_decay)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
+            p.addcdiv_(m, denom, value=-lr / bc1)
+        lam = thresholds.to(accumulate_dtype(params[0].dtype))
+        if adam_metric:
+            sizes = torch.zeros(num_groups, dtype=torch.float64)
+            for p, gid in zip(params, ids, strict=True):
+                sizes[gid] += p.numel()
+            sum_v = torch.zeros(num_groups, dtype=lam.dtype, device=lam.device)
+            for v, gid in zip(exp_avg_sqs, ids, strict=True):
+                sum_v[gid] += v.to(lam.dtype).sum()
+            d = (sum_v / (sizes * bc2).to(lam)).sqrt() + eps
+            ok = torch.isfinite(d) & (d > 0)
+            lam = torch.where(ok, lam / torch.where(ok, d, 1), lam)
+        norms = group_prox_(params, ids, num_groups, lam)
+    return norms, lam

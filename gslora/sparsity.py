@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import _get_scalar_dtype
 
 from .backends import select_backend
 from .functional import apply_group_lasso_penalty
@@ -633,9 +634,20 @@ class ProxOptimizer(torch.optim.Optimizer):
     ``eps``); groups with a tensor that has no state yet (never received a gradient) use the
     Euclidean threshold for that step.
 
+    Fused step (``fused``). When the inner optimizer is a plain ``torch.optim.AdamW`` over exactly
+    the sparsity's tensors (one param group, no amsgrad / maximize) and the tensors share one
+    dtype with no process group, ``step()`` runs AdamW and the prox as one ``adamw_prox_`` call
+    (:mod:`gslora.reference` gives its math): per group, one pass updates θ, m and v and sums
+    ‖θ_g‖² (and v for the Adam metric), then the group is shrunk while it is in cache — instead of
+    AdamW's per-tensor ops followed by the prox's norm pass and scale pass. The optimizer state
+    stays AdamW's own (``step``, ``exp_avg``, ``exp_avg_sq`` per tensor), so state dicts and LR
+    schedulers work unchanged, and results equal the unfused path up to rounding. ``fused=None``
+    (default) fuses whenever possible; ``True`` requires it (ValueError at construction, or
+    RuntimeError at a step where a tensor has no gradient); ``False`` never fuses.
+
     Attributes:
         last_alpha: α used by the last step. last_result: its :class:`ProxResult` (None if the
-        prox was skipped).
+        prox was skipped). last_step_fused: whether the last step took the fused path.
     """
 
     def __init__(
@@ -644,7 +656,10 @@ class ProxOptimizer(torch.optim.Optimizer):
         sparsity: GroupSparsity,
         alpha: float | SparsitySchedule = 0.0,
         metric: str = "euclidean",
+        fused: bool | None = None,
     ) -> None:
+        if fused not in (None, True, False):
+            raise TypeError(f"fused must be None, True or False, got {fused!r}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, ProxOptimizer):
@@ -670,8 +685,10 @@ class ProxOptimizer(torch.optim.Optimizer):
         self.sparsity = sparsity
         self.schedule = schedule
         self.metric = metric
+        self.fused = fused
         self.last_alpha = 0.0
         self.last_result: ProxResult | None = None
+        self.last_step_fused = False
         # What Optimizer.__init__ would set, minus the param groups (shared with the inner one).
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
@@ -681,6 +698,8 @@ class ProxOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
         self._map_param_groups()
+        if fused and self._unfusable_reason is not None:
+            raise ValueError(f"fused=True, but the step cannot be fused: {self._unfusable_reason}")
 
     def _map_param_groups(self) -> None:
         """For every sparsity group, the indices of the param groups holding its tensors."""
@@ -702,6 +721,27 @@ class ProxOptimizer(torch.optim.Optimizer):
         self._split_groups = [g for g, s in enumerate(pgs) if len(s) > 1]
         # Index of one param group per sparsity group, for a per-group lr vector.
         self._pg_index = torch.tensor([s[0] for s in self._pg_of_group], dtype=torch.long)
+        self._unfusable_reason = self._why_not_fused()
+        self._state_lists: tuple[list[Tensor], list[Tensor], list[Tensor]] | None = None
+
+    def _why_not_fused(self) -> str | None:
+        """Why the fused AdamW + prox kernel cannot serve this optimizer (None: it can), from
+        what stays fixed between steps."""
+        opt, sp = self.optimizer, self.sparsity
+        if type(opt) is not torch.optim.AdamW:
+            return f"the inner optimizer is {type(opt).__name__}, not torch.optim.AdamW"
+        if len(opt.param_groups) != 1:
+            return "the inner optimizer has several param groups"
+        pg = opt.param_groups[0]
+        if pg.get("amsgrad") or pg.get("maximize") or pg.get("differentiable") or pg.get("capturable"):
+            return "amsgrad, maximize, differentiable and capturable AdamW are not fused"
+        pg_ids = [id(p) for p in pg["params"]]
+        if len(pg_ids) != len(sp.params) or set(pg_ids) != {id(t) for t in sp.params}:
+            return "the inner optimizer's params are not exactly the sparsity's tensors"
+        if len(sp._buckets) != 1 or sp.process_group is not None:
+            return ("the tensors have several dtypes or are sharded over a process group (the "
+                    "group norms need every partial sum before any tensor is shrunk)")
+        return None
 
     # Shared with the inner optimizer (properties: its load_state_dict replaces the lists).
     @property
@@ -803,13 +843,86 @@ class ProxOptimizer(torch.optim.Optimizer):
         return torch.where(ok, lr_t / torch.where(ok, d, 1), lr_t)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Inner ``step(closure)``, then the proximal step with the schedule's α."""
+        """Inner ``step(closure)``, then the proximal step with the schedule's α (one fused pass
+        when possible, see ``fused``)."""
+        self.sparsity._check_layout()
+        if self.fused is False or self._unfusable_reason is not None or not self.sparsity._fused:
+            return self._unfused_step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [t.grad for t in self.sparsity.params]
+        if any(g is None for g in grads):
+            if self.fused:
+                raise RuntimeError("fused=True, but a tensor has no gradient (AdamW would skip it; "
+                                   "the fused step updates all tensors together)")
+            self._unfused_step(None)
+            return loss
+        self._fused_step(grads)
+        return loss
+
+    def _unfused_step(self, closure: Callable[[], Any] | None) -> Any:
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         alpha = self.schedule.alpha
         result = self.sparsity.prox_(self._step_size(), alpha) if alpha > 0 else None
         self.schedule.step(result)
         self.last_alpha, self.last_result = alpha, result
+        self.last_step_fused = False
+        self._state_lists = None  # AdamW skips tensors without gradients: counts may diverge
         return loss
+
+    def _fused_state(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]] | None:
+        """AdamW's (exp_avgs, exp_avg_sqs, steps) in the sparsity's tensor order, created as
+        AdamW creates them; None if the step counts differ (AdamW skipped some tensor). Cached
+        while the state dict holds the same tensors."""
+        state = self.optimizer.state
+        cached = self._state_lists
+        first = state.get(self.sparsity.params[0])
+        if cached is not None and first and first.get("exp_avg") is cached[0][0]:
+            return cached
+        lists: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+        for t in self.sparsity.params:
+            st = state[t]
+            if not st:
+                st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                st["exp_avg"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+            for out, key in zip(lists, ("exp_avg", "exp_avg_sq", "step"), strict=True):
+                out.append(st[key])
+        if len({float(s) for s in lists[2]}) != 1:
+            return None
+        self._state_lists = lists
+        return lists
+
+    @torch.no_grad()
+    def _fused_step(self, grads: list[Tensor]) -> None:
+        """AdamW + prox in one ``adamw_prox_`` call over all groups."""
+        sp = self.sparsity
+        lists = self._fused_state()
+        if lists is None:
+            if self.fused:
+                raise RuntimeError("fused=True, but the tensors' AdamW step counts differ")
+            self._unfused_step(None)
+            return
+        pg = self.optimizer.param_groups[0]
+        alpha = self.schedule.alpha
+        lr = float(pg["lr"])
+        beta1, beta2 = (float(b) for b in pg["betas"])
+        lam = sp.thresholds(lr, alpha)
+        norms, lam = sp._impl.adamw_prox_(
+            sp.params, grads, *lists, sp._buckets[0].group_ids,
+            sp.num_groups, lam, lr, beta1, beta2, float(pg["eps"]), float(pg["weight_decay"]),
+            self.metric == "adam",
+        )
+        result = None
+        if alpha > 0:
+            keep = norms > lam
+            result = ProxResult(norms_before=norms, norms_after=torch.where(keep, norms - lam, 0),
+                                thresholds=lam, zero=~keep)
+        self.schedule.step(result)
+        self.last_alpha, self.last_result = alpha, result
+        self.last_step_fused = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -854,5 +967,5 @@ class ProxOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return (f"ProxOptimizer({self.optimizer!r},\n  {self.sparsity!r},\n  "
-                f"schedule={self.schedule!r}, metric={self.metric!r})")
+                f"schedule={self.schedule!r}, metric={self.metric!r}, fused={self.fused!r})")
 

@@ -274,6 +274,8 @@ def test_resume_after_task_and_mid_task(synth, pretrained, tmp_path):
     results = resumed.run()
     assert any("resuming after task 1/2" in s for s in logs)
     assert results[1]["train"]["steps_run"] == 10  # only the steps after the checkpoint
+    # AdamW + prox ran as the fused kernel, before and after resuming from the state dict.
+    assert all(r["train"]["fused_step"] for r in results + ref_results)
     for a, b in zip(results, ref_results, strict=True):
         assert a["per_class_acc"] == b["per_class_acc"]
         for x, y in zip(a["group_norms"], b["group_norms"], strict=True):

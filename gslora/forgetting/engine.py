@@ -465,6 +465,8 @@ def train_task(
     stats["train_s"] = time.perf_counter() - t0
     stats["final_alpha"] = float(schedule.alpha)
     stats["steps_run"] = total - start
+    # Whether the optimizer ran AdamW and the prox as one fused kernel (ProxOptimizer.fused).
+    stats["fused_step"] = bool(getattr(opt, "last_step_fused", False))
     return stats
 
 
