@@ -11,8 +11,9 @@ the head included. Models (random weights; no downloads):
 
 Providers:
 
-* ``gslora``             GSLoRALinear (default backend) + AdamW + one fused ``group_prox_``
-                         (θ_g shrunk by lr·α: exact group sparsity, the method of METHOD.md)
+* ``gslora``             GSLoRALinear (default backend) + ``ProxOptimizer(AdamW)``: AdamW and
+                         the prox (θ_g shrunk by lr·α: exact group sparsity, the method of
+                         METHOD.md) in one fused ``adamw_prox_`` pass
 * ``gslora+penalty``     GSLoRALinear + the fused ``group_lasso_penalty`` in the loss (the
                          authors' math with gslora's kernels), no prox
 * ``peft+loop``          PEFT LoRA + a Python-loop group-lasso penalty in the loss: how the
@@ -96,6 +97,7 @@ def build_step(provider: str, base: nn.Module, targets: Sequence[str], groups: S
     """The provider's training step (a closure over its own model and optimizer) and the number
     of trainable parameters."""
     import gslora.functional as GF
+    from gslora.sparsity import GroupSparsity, ProxOptimizer
 
     num_groups = max(groups) + 1
     if provider.startswith("gslora"):
@@ -113,15 +115,16 @@ def build_step(provider: str, base: nn.Module, targets: Sequence[str], groups: S
         members[g].append(t)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.05)
-    thresholds = torch.full((num_groups,), LR * ALPHA, device=x.device)
 
     if provider == "gslora":
+        sparsity = GroupSparsity([(f"block{g}", m) for g, m in enumerate(members)])
+        prox_opt = ProxOptimizer(opt, sparsity, ALPHA, fused=True)
+
         def step(_: Any) -> Tensor:
             loss = forgetting_loss(model(x), y, n_retain)
-            opt.zero_grad(set_to_none=True)
+            prox_opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            GF.group_prox_(tensors, ids, num_groups, thresholds)
+            prox_opt.step()
             return loss.detach()
     elif provider == "gslora+penalty":
         def step(_: Any) -> Tensor:
