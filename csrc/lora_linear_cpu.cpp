@@ -1,9 +1,11 @@
 // CPU kernels of the LoRA linear: y = x W^T + b + s (d(x) A^T) B^T and its backward.
 //
 // fp32 / fp64 without dropout (the training hot path; measured on an AMD EPYC with MKL):
-//   forward : xa = x A^T (BLAS); y = b + x W_eff^T with W_eff = W + s B A when M > 2K, else
-//             y = [xa | 1] [s B | b]^T (one rank-(r+1) product that only writes y) and then
-//             y += x W^T inside the big GEMM (beta = 1: y is read in its microkernel).
+//   forward : xa = x A^T; y = b + x W_eff^T with W_eff = W + s B A when M > 2K, else
+//             y = b + xa (s B)^T (written once) and then y += x W^T inside the big GEMM
+//             (beta = 1: y is read in its microkernel). In fp32 on AVX2 CPUs the two rank-r
+//             products are explicit AVX2 kernels (xa_rows_avx2, adapter_rows_avx2), run row
+//             block by row block; otherwise BLAS ([xa | 1] [s B | b]^T for the second).
 //   backward: ONE fused pass over g gives s u = s g B and dB = s g^T xa (explicit AVX2: BLAS
 //             reads g for these rank-r products at a few GB/s, and g^T xa as BLAS sees it costs
 //             as much as the big GEMM); dx = (s u) A, then dx += g W inside the big GEMM;
@@ -326,6 +328,87 @@ __attribute__((target("avx2,fma"))) void project_rows_avx2(const float* g, int64
   }
 }
 
+// xa [M, RP] = x A^T for the rows [m0, m1) of x [M, K], At [K, RP] (the padded A^T): NR rows share
+// each load of At[k], each row's 8-column chunk is one FMA chain per kSumBlock terms. MKL reads x
+// at a few GB/s for this rank-r product.
+template <int NR>
+__attribute__((target("avx2,fma"))) GSLORA_INLINE void xa_block_avx2(
+    const float* __restrict x, int64_t K, const float* __restrict At, int64_t RP,
+    float* __restrict xa, int64_t m) {
+  for (int64_t c = 0; c < RP; c += 8) {
+    __m256 acc[NR];
+    for (int i = 0; i < NR; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += kSumBlock) {
+      const int64_t k1 = std::min(K, k0 + kSumBlock);
+      __m256 part[NR];
+      for (int i = 0; i < NR; ++i) part[i] = _mm256_setzero_ps();
+      const float* ap = At + k0 * RP + c;
+      for (int64_t k = k0; k < k1; ++k, ap += RP) {
+        const __m256 av = _mm256_loadu_ps(ap);
+        for (int i = 0; i < NR; ++i)
+          part[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (m + i) * K + k), av, part[i]);
+      }
+      for (int i = 0; i < NR; ++i) acc[i] = _mm256_add_ps(acc[i], part[i]);
+    }
+    for (int i = 0; i < NR; ++i) _mm256_storeu_ps(xa + (m + i) * RP + c, acc[i]);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void xa_rows_avx2(const float* x, int64_t K, const float* At,
+                                                      int64_t RP, float* xa, int64_t m0,
+                                                      int64_t m1) {
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) xa_block_avx2<4>(x, K, At, RP, xa, m);
+  for (; m < m1; ++m) xa_block_avx2<1>(x, K, At, RP, xa, m);
+}
+
+// y[m, :] = b + xa[m, :r] sBt for the rows [m0, m1): the adapter term (and the bias) written once
+// into y, which the big GEMM then accumulates into with beta = 1. xa [M, RP], sBt [r, N] = s B^T,
+// b [N] or null. 16 columns x NR rows per register block; each sBt row load serves NR rows.
+template <int NR>
+__attribute__((target("avx2,fma"))) GSLORA_INLINE void adapter_block_avx2(
+    const float* __restrict xa, int64_t RP, int64_t r, const float* __restrict sBt,
+    const float* __restrict b, float* __restrict y, int64_t N, int64_t m) {
+  int64_t n = 0;
+  for (; n + 16 <= N; n += 16) {
+    __m256 acc[NR][2];
+    const __m256 b0 = b ? _mm256_loadu_ps(b + n) : _mm256_setzero_ps();
+    const __m256 b1 = b ? _mm256_loadu_ps(b + n + 8) : _mm256_setzero_ps();
+    for (int i = 0; i < NR; ++i) {
+      acc[i][0] = b0;
+      acc[i][1] = b1;
+    }
+    for (int64_t j = 0; j < r; ++j) {
+      const __m256 v0 = _mm256_loadu_ps(sBt + j * N + n);
+      const __m256 v1 = _mm256_loadu_ps(sBt + j * N + n + 8);
+      for (int i = 0; i < NR; ++i) {
+        const __m256 a = _mm256_broadcast_ss(xa + (m + i) * RP + j);
+        acc[i][0] = _mm256_fmadd_ps(a, v0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(a, v1, acc[i][1]);
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      _mm256_storeu_ps(y + (m + i) * N + n, acc[i][0]);
+      _mm256_storeu_ps(y + (m + i) * N + n + 8, acc[i][1]);
+    }
+  }
+  for (; n < N; ++n)  // column tail
+    for (int i = 0; i < NR; ++i) {
+      float v = b ? b[n] : 0.0f;
+      for (int64_t j = 0; j < r; ++j) v += xa[(m + i) * RP + j] * sBt[j * N + n];
+      y[(m + i) * N + n] = v;
+    }
+}
+
+__attribute__((target("avx2,fma"))) void adapter_rows_avx2(const float* xa, int64_t RP, int64_t r,
+                                                           const float* sBt, const float* b,
+                                                           float* y, int64_t N, int64_t m0,
+                                                           int64_t m1) {
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) adapter_block_avx2<4>(xa, RP, r, sBt, b, y, N, m);
+  for (; m < m1; ++m) adapter_block_avx2<1>(xa, RP, r, sBt, b, y, N, m);
+}
+
 bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
@@ -366,6 +449,46 @@ at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_A,
   return at::addmm(weight, lora_B, lora_A, /*beta=*/1, /*alpha=*/scaling);
 }
 
+#ifdef GSLORA_HAVE_AVX2_PATH
+// fp32 forward without a merge, with AVX2: xa = x A^T, then y = b + xa (s B)^T written once by
+// the adapter kernel (row blocks, in parallel), then y += x W^T inside the big GEMM (beta = 1).
+// MKL runs both rank-r products far below the memory speed (the second as slowly as the bias copy
+// of a plain Linear times six at M = 788, N = 2048).
+std::tuple<at::Tensor, at::Tensor> fwd_avx2_unmerged(const at::Tensor& x, const at::Tensor& weight,
+                                                     const c10::optional<at::Tensor>& bias,
+                                                     const at::Tensor& lora_A,
+                                                     const at::Tensor& lora_B, double scaling) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  const int64_t RP = padded_rank(r);
+  // A^T [K, RP] (zero-padded) and s B^T [r, N] in two plain loops: the ATen chain (t, zeros,
+  // narrow, copy, mul, contiguous) costs more than these tiny transposes at M = 256.
+  at::Tensor At = at::empty({K, RP}, x.options());
+  at::Tensor sBt = at::empty({r, N}, x.options());
+  {
+    const float *a = lora_A.const_data_ptr<float>(), *bsrc = lora_B.const_data_ptr<float>();
+    float *at_ = At.data_ptr<float>(), *bt_ = sBt.data_ptr<float>();
+    const float s = static_cast<float>(scaling);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < RP; ++j) at_[k * RP + j] = j < r ? a[j * K + k] : 0.0f;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < r; ++j) bt_[j * N + n] = s * bsrc[n * r + j];
+  }
+  const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
+  at::Tensor xa_p = at::empty({M, RP}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float *xp = x.const_data_ptr<float>(), *ap = At.const_data_ptr<float>();
+  const float *bt = sBt.const_data_ptr<float>(), *bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  float *xap = xa_p.data_ptr<float>(), *yp = y.data_ptr<float>();
+  parallel_rows(M, [&](int64_t, int64_t m0, int64_t m1) {
+    xa_rows_avx2(xp, K, ap, RP, xap, m0, m1);  // these rows' xa, then their y while xa is hot
+    adapter_rows_avx2(xap, RP, r, bt, bp, yp, N, m0, m1);
+  });
+  y.addmm_(x, weight.t());
+  at::Tensor xa = RP == r ? xa_p : xa_p.narrow(1, 0, r).contiguous();
+  return {y, xa};
+}
+#endif
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> fwd_blas(const at::Tensor& x, const at::Tensor& weight,
                                             const c10::optional<at::Tensor>& bias,
@@ -373,6 +496,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_blas(const at::Tensor& x, const at::Tenso
                                             double scaling) {
   const int64_t M = x.size(0), K = x.size(1);
   const bool has_bias = bias.has_value() && bias->defined();
+#ifdef GSLORA_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<T, float>) {
+    if (M <= kMergeRatio * K && cpu_has_avx2_fma())
+      return fwd_avx2_unmerged(x, weight, bias, lora_A, lora_B, scaling);
+  }
+#endif
   at::Tensor xa = at::mm(x, lora_A.t());  // [M, r], one read of x
   at::Tensor y;
   if (M > kMergeRatio * K) {
