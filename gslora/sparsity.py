@@ -853,10 +853,10 @@ class ProxOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [t.grad for t in self.sparsity.params]
-        if any(g is None for g in grads):
+        if any(g is None or g.is_sparse for g in grads):
             if self.fused:
-                raise RuntimeError("fused=True, but a tensor has no gradient (AdamW would skip it; "
-                                   "the fused step updates all tensors together)")
+                raise RuntimeError("fused=True, but a tensor has no dense gradient (AdamW skips a "
+                                   "tensor without one; the fused step updates all together)")
             self._unfused_step(None)
             return loss
         self._fused_step(grads)

@@ -266,7 +266,7 @@ def test_fused_only_when_possible():
     assert not auto.last_step_fused
     assert auto.state[sp.params[0]]["step"].item() == 1.0 and auto.state[sp.params[1]]["step"].item() == 2.0
     strict = ProxOptimizer(torch.optim.AdamW(list(sp.params), lr=0.1), sp, 0.1, fused=True)
-    with pytest.raises(RuntimeError, match="has no gradient"):
+    with pytest.raises(RuntimeError, match="has no dense gradient"):
         strict.step()
     # Step counts that differ (from the skipped tensor above) are not fused either.
     sp.params[0].grad = torch.ones_like(sp.params[0])
