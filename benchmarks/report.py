@@ -315,7 +315,19 @@ def analysis(d: Data, device: str) -> list[str]:
             "the time of gslora. For the penalty's forward+backward, autograd through the loop takes "
             f"{_rng(ratio(d.one('group_sparsity', device, 'penalty', 'loop', c), d.one('group_sparsity', device, 'penalty', 'gslora', c)) for c in cases)} "
             "the time of the fused penalty. These tensors are small (a few MB): per-call overheads "
-            "(Python, dispatch, one kernel per tensor) matter as much as bandwidth.")
+            "(Python, dispatch, one kernel per tensor) matter as much as bandwidth."
+            + (" One optimizer step (AdamW, then the prox) through `ProxOptimizer`, fused into one "
+               "pass per group: the same step unfused (AdamW's own step, then the fused prox) takes "
+               f"{_rng(ratio(d.one('group_sparsity', device, 'adamw+prox', 'gslora-unfused', c), d.one('group_sparsity', device, 'adamw+prox', 'gslora', c)) for c in cases)}, "
+               "AdamW(foreach=True) + the `_foreach` prox "
+               f"{_rng(ratio(d.one('group_sparsity', device, 'adamw+prox', 'foreach', c), d.one('group_sparsity', device, 'adamw+prox', 'gslora', c)) for c in cases)} "
+               "and per-tensor AdamW + the loop prox "
+               f"{_rng(ratio(d.one('group_sparsity', device, 'adamw+prox', 'loop', c), d.one('group_sparsity', device, 'adamw+prox', 'gslora', c)) for c in cases)} "
+               "the time of the fused step; it is "
+               f"{_rng(ratio(d.one('group_sparsity', device, 'adamw+prox', 'gslora', c), d.one('group_sparsity', device, 'adamw+prox', 'floor', c)) for c in cases)} "
+               "one in-place multiply over θ, m and v (a sqrt and two divisions per element, and "
+               "the per-group barrier, stand between it and that floor)."
+               if d.one("group_sparsity", device, "adamw+prox", "gslora", cases[0]) else ""))
     # Train step.
     cases = d.cases("train_step", device)
     if cases:
