@@ -735,6 +735,8 @@ class ProxOptimizer(torch.optim.Optimizer):
         pg = opt.param_groups[0]
         if pg.get("amsgrad") or pg.get("maximize") or pg.get("differentiable") or pg.get("capturable"):
             return "amsgrad, maximize, differentiable and capturable AdamW are not fused"
+        if not pg.get("decoupled_weight_decay", True):  # AdamW is Adam with this flag set
+            return "AdamW without decoupled weight decay is not fused"
         pg_ids = [id(p) for p in pg["params"]]
         if len(pg_ids) != len(sp.params) or set(pg_ids) != {id(t) for t in sp.params}:
             return "the inner optimizer's params are not exactly the sparsity's tensors"
