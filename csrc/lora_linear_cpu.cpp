@@ -1,7 +1,7 @@
 // CPU kernels of the LoRA linear: y = x W^T + b + s (d(x) A^T) B^T and its backward.
 //
 // fp32 / fp64 without dropout (the training hot path; measured on an AMD EPYC with MKL):
-//   forward : xa = x A^T; y = b + x W_eff^T with W_eff = W + s B A when M > 2K, else
+//   forward : xa = x A^T; y = b + x W_eff^T with W_eff = W + s B A when M r > 64 K, else
 //             y = b + xa (s B)^T (written once) and then y += x W^T inside the big GEMM
 //             (beta = 1: y is read in its microkernel). In fp32 on AVX2 CPUs the two rank-r
 //             products are explicit AVX2 kernels (xa_rows_avx2, adapter_rows_avx2), run row
@@ -419,11 +419,15 @@ bool cpu_has_avx2_fma() {
 // fp32 / fp64 without dropout: BLAS for every product, the fused K1 pass only where BLAS is
 // slow (u = s g B and dB = s g^T xa: MKL's skinny paths read g at a few GB/s, and g^T xa as
 // written is as slow as the full GEMM). In the forward the merged weight W_eff = W + s B A
-// (2 extra passes over [N, K], not possible with a mask) replaces the rank-(r+1) product over
-// [M, N] when M > kMergeRatio * K (measured on an AMD EPYC, MKL, 2 threads: at M = 4096,
-// K = 384 the merge saves ~6 % of the forward, at M = 1024 the two are even). In the backward
-// the unmerged order measured as fast as the merge at every M, so it is always used.
-constexpr int64_t kMergeRatio = 2;
+// (2 extra passes over [N, K] and an [N, K, r] product, not possible with a mask) replaces the
+// rank-r adapter term over [M, N] (cost ~ M N r) when M r > kMergeWork K. Measured on an AMD
+// EPYC, MKL, 2 threads, against the AVX2 adapter kernel: merging lost at M = 788-2048 for K = 384
+// and 768 with r = 8 and 16 (by 2-4 % of the forward), won at M = 4096 with r = 16 (K = 384 and
+// 768), and was even at M = 4096, r = 8. In the backward the unmerged order measured as fast as
+// the merge at every M, so it is always used.
+constexpr int64_t kMergeWork = 64;
+
+bool merge_forward(int64_t M, int64_t K, int64_t r) { return M * r > kMergeWork * K; }
 
 // dB [N, r] = s * sum over threads of the partial sums dB_part [T, N, RP], in one loop (the
 // ATen sum / narrow / mul / contiguous chain cost more than the reduction itself).
@@ -498,13 +502,13 @@ std::tuple<at::Tensor, at::Tensor> fwd_blas(const at::Tensor& x, const at::Tenso
   const bool has_bias = bias.has_value() && bias->defined();
 #ifdef GSLORA_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<T, float>) {
-    if (M <= kMergeRatio * K && cpu_has_avx2_fma())
+    if (!merge_forward(M, K, lora_A.size(0)) && cpu_has_avx2_fma())
       return fwd_avx2_unmerged(x, weight, bias, lora_A, lora_B, scaling);
   }
 #endif
   at::Tensor xa = at::mm(x, lora_A.t());  // [M, r], one read of x
   at::Tensor y;
-  if (M > kMergeRatio * K) {
+  if (merge_forward(M, K, lora_A.size(0))) {
     const at::Tensor w_eff = merged_weight(weight, lora_A, lora_B, scaling);
     y = has_bias ? at::addmm(*bias, x, w_eff.t()) : at::mm(x, w_eff.t());
   } else {

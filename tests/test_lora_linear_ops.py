@@ -88,8 +88,8 @@ NAMES = ("y", "xa", "dx", "dA", "dB")
     "M,K,N,r,bias,dropout",
     [(37, 1000, 1531, 8, True, 0.0), (5, 7, 9, 1, False, 0.0), (33, 64, 48, 64, True, 0.25),
      (19, 40, 23, 3, False, 0.5), (0, 16, 12, 4, True, 0.0), (0, 16, 12, 4, False, 0.3),
-     # M > 2K and M > 2N: the CPU kernel folds s·B·A into the weight (forward and dx)
-     (700, 96, 300, 8, True, 0.0)],
+     # M·r > 64·K: the CPU kernel folds s·B·A into the weight in the forward
+     (1000, 96, 300, 8, True, 0.0)],
 )
 def test_float64_matches_reference(backend, device, M, K, N, r, bias, dropout):
     x, W, b, A, B, mask, keep = _inputs(M, K, N, r, torch.float64, device, bias, dropout)
@@ -104,7 +104,9 @@ def test_float64_matches_reference(backend, device, M, K, N, r, bias, dropout):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M,K,N,r,dropout",
-                         [(64, 96, 160, 8, 0.0), (21, 53, 77, 16, 0.2), (700, 96, 300, 8, 0.0)])
+                         [(64, 96, 160, 8, 0.0), (21, 53, 77, 16, 0.2), (1000, 96, 300, 8, 0.0),
+                          # row, column and rank tails of the fp32 AVX2 adapter kernels
+                          (37, 100, 77, 5, 0.0)])
 def test_low_precision_as_accurate_as_eager(backend, device, dtype, M, K, N, r, dropout):
     x, W, b, A, B, mask, keep = _inputs(M, K, N, r, dtype, device, True, dropout)
     s = 0.5
