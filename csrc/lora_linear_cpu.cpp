@@ -274,7 +274,8 @@ const bool* mask_ptr(const c10::optional<at::Tensor>& mask, at::Tensor& holder) 
 constexpr int64_t kSumBlock = 128;
 constexpr int64_t kRowSumBlock = 256;
 
-template <int NR>
+// Without HAS_D it is the plain projection us = s g Bp (the forward's xa = x A^T uses it).
+template <int NR, bool HAS_D = true>
 __attribute__((target("avx2,fma"))) GSLORA_INLINE void project_block_avx2(
     const float* __restrict g, int64_t N, const float* __restrict Bp, int64_t RP,
     const float* __restrict xa, __m256 sv, float* __restrict us, float* __restrict D, int64_t m) {
@@ -283,7 +284,7 @@ __attribute__((target("avx2,fma"))) GSLORA_INLINE void project_block_avx2(
     const float* grow[NR];
     for (int i = 0; i < NR; ++i) {
       acc[i] = _mm256_setzero_ps();
-      xv[i] = _mm256_loadu_ps(xa + (m + i) * RP + c);
+      xv[i] = HAS_D ? _mm256_loadu_ps(xa + (m + i) * RP + c) : _mm256_setzero_ps();
       grow[i] = g + (m + i) * N;
     }
     for (int64_t n0 = 0; n0 < N; n0 += kSumBlock) {
@@ -291,16 +292,16 @@ __attribute__((target("avx2,fma"))) GSLORA_INLINE void project_block_avx2(
       __m256 part[NR];
       for (int i = 0; i < NR; ++i) part[i] = _mm256_setzero_ps();
       const float* bp = Bp + n0 * RP + c;
-      float* dp = D + n0 * RP + c;
-      for (int64_t n = n0; n < n1; ++n, bp += RP, dp += RP) {
+      for (int64_t n = n0; n < n1; ++n, bp += RP) {
         const __m256 bv = _mm256_loadu_ps(bp);
-        __m256 d = _mm256_loadu_ps(dp);
+        float* dp = HAS_D ? D + n * RP + c : nullptr;
+        __m256 d = HAS_D ? _mm256_loadu_ps(dp) : _mm256_setzero_ps();
         for (int i = 0; i < NR; ++i) {
           const __m256 gi = _mm256_broadcast_ss(grow[i] + n);
           part[i] = _mm256_fmadd_ps(gi, bv, part[i]);
-          d = _mm256_fmadd_ps(gi, xv[i], d);
+          if (HAS_D) d = _mm256_fmadd_ps(gi, xv[i], d);
         }
-        _mm256_storeu_ps(dp, d);
+        if (HAS_D) _mm256_storeu_ps(dp, d);
       }
       for (int i = 0; i < NR; ++i) acc[i] = _mm256_add_ps(acc[i], part[i]);
     }
@@ -328,38 +329,15 @@ __attribute__((target("avx2,fma"))) void project_rows_avx2(const float* g, int64
   }
 }
 
-// xa [M, RP] = x A^T for the rows [m0, m1) of x [M, K], At [K, RP] (the padded A^T): NR rows share
-// each load of At[k], each row's 8-column chunk is one FMA chain per kSumBlock terms. MKL reads x
-// at a few GB/s for this rank-r product.
-template <int NR>
-__attribute__((target("avx2,fma"))) GSLORA_INLINE void xa_block_avx2(
-    const float* __restrict x, int64_t K, const float* __restrict At, int64_t RP,
-    float* __restrict xa, int64_t m) {
-  for (int64_t c = 0; c < RP; c += 8) {
-    __m256 acc[NR];
-    for (int i = 0; i < NR; ++i) acc[i] = _mm256_setzero_ps();
-    for (int64_t k0 = 0; k0 < K; k0 += kSumBlock) {
-      const int64_t k1 = std::min(K, k0 + kSumBlock);
-      __m256 part[NR];
-      for (int i = 0; i < NR; ++i) part[i] = _mm256_setzero_ps();
-      const float* ap = At + k0 * RP + c;
-      for (int64_t k = k0; k < k1; ++k, ap += RP) {
-        const __m256 av = _mm256_loadu_ps(ap);
-        for (int i = 0; i < NR; ++i)
-          part[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (m + i) * K + k), av, part[i]);
-      }
-      for (int i = 0; i < NR; ++i) acc[i] = _mm256_add_ps(acc[i], part[i]);
-    }
-    for (int i = 0; i < NR; ++i) _mm256_storeu_ps(xa + (m + i) * RP + c, acc[i]);
-  }
-}
-
+// xa [M, RP] = x A^T for the rows [m0, m1) of x [M, K], At [K, RP] (the padded A^T): the projection
+// above without D. MKL reads x at a few GB/s for this rank-r product.
 __attribute__((target("avx2,fma"))) void xa_rows_avx2(const float* x, int64_t K, const float* At,
                                                       int64_t RP, float* xa, int64_t m0,
                                                       int64_t m1) {
+  const __m256 one = _mm256_set1_ps(1.0f);
   int64_t m = m0;
-  for (; m + 4 <= m1; m += 4) xa_block_avx2<4>(x, K, At, RP, xa, m);
-  for (; m < m1; ++m) xa_block_avx2<1>(x, K, At, RP, xa, m);
+  for (; m + 4 <= m1; m += 4) project_block_avx2<4, false>(x, K, At, RP, nullptr, one, xa, nullptr, m);
+  for (; m < m1; ++m) project_block_avx2<1, false>(x, K, At, RP, nullptr, one, xa, nullptr, m);
 }
 
 // y[m, :] = b + xa[m, :r] sBt for the rows [m0, m1): the adapter term (and the bias) written once
