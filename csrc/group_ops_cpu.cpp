@@ -271,6 +271,18 @@ std::vector<at::Tensor> group_scale_cpu(at::TensorList tensors, at::IntArrayRef 
   return outs;
 }
 
+// In place, this thread's share of group g times f (f == 1, i.e. lam == 0: no write pass).
+template <typename T>
+inline void scale_share(const std::vector<at::Tensor>& ts, const GroupPlan& plan, int64_t g,
+                        int tid, int team, acc_t<T> f) {
+  if (f == acc_t<T>(1)) return;
+  const auto [lo, hi] = share(plan.size[g], tid, team);
+  for_each_piece(ts, plan.members[g], lo, hi, [&](int64_t i, int64_t off, int64_t n) {
+    T* p = ts[i].data_ptr<T>() + off;
+    scale(p, p, n, f);
+  });
+}
+
 // Group by group, every thread sums its share, the team meets at a barrier, and every thread
 // then scales its own share, which is still in its cache (a ViT-B group of r = 16 is ~0.5 MB: as a
 // whole it would not stay in one core's L2 between the two passes, its half does).
@@ -291,13 +303,7 @@ void group_prox_kernel(const std::vector<at::Tensor>& ts, const GroupPlan& plan,
       for (int t = 0; t < team; ++t) sq += partial[g * nthreads + t];
       const A norm = gsqrt(static_cast<A>(sq));
       if (tid == 0) norms[g] = norm;
-      const A f = prox_factor<A>(norm, lam[g]);
-      if (f == A(1)) continue;  // lam == 0: the step is the identity, skip the write pass
-      const auto [lo, hi] = share(plan.size[g], tid, team);
-      for_each_piece(ts, plan.members[g], lo, hi, [&](int64_t i, int64_t off, int64_t n) {
-        T* p = ts[i].data_ptr<T>() + off;
-        scale(p, p, n, f);
-      });
+      scale_share<T>(ts, plan, g, tid, team, prox_factor<A>(norm, lam[g]));
     }
   }
 }
@@ -458,12 +464,7 @@ void adamw_prox_kernel(const AdamWTensors& ts, const GroupPlan& plan,
         norms[g] = norm;
         lam_out[g] = lam;
       }
-      const A f = prox_factor<A>(norm, lam);
-      if (f == A(1)) continue;  // lam == 0: nothing to shrink
-      for_each_piece(ts.params, plan.members[g], lo, hi, [&](int64_t i, int64_t off, int64_t n) {
-        T* p = ts.params[i].data_ptr<T>() + off;
-        scale(p, p, n, f);
-      });
+      scale_share<T>(ts.params, plan, g, tid, team, prox_factor<A>(norm, lam));
     }
   }
 }
