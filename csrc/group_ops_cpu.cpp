@@ -2,13 +2,15 @@
 // proximal step (block soft-thresholding) and the AdamW step fused with it, over a whole list of
 // tensors in one call.
 //
-// The threads split every group evenly between them (so the work balances whatever the number
-// and sizes of the groups): each sums the squares of its share, and for the prox the team meets
-// at a barrier per group and each thread scales its own share while it is still in its cache.
-// Calls too small to pay for waking the thread team run on the calling thread. Partial sums are
-// added in thread order, so results do not depend on timing. Squares are summed in float (double
-// for double) in four 32-byte vector accumulators per 4096-element chunk, and the chunk sums are
-// added in double, which keeps fp32 sums of millions of elements accurate.
+// For the norms the threads split every group evenly between them (so the work balances whatever
+// the number and sizes of the groups) and sum the squares of their shares. The prox and the fused
+// AdamW step must finish a group (norm, then shrink) while it is in cache: each thread takes
+// whole groups when that balances (a model's equal-sized blocks), else an even share of every
+// group with a barrier per group. Calls too small to pay for waking the thread team run on the
+// calling thread. Partial sums are added in thread order, so results do not depend on timing.
+// Squares are summed in float (double for double) in four 32-byte vector accumulators per
+// 4096-element chunk, and the chunk sums are added in double, which keeps fp32 sums of millions
+// of elements accurate.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -18,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -271,41 +274,101 @@ std::vector<at::Tensor> group_scale_cpu(at::TensorList tensors, at::IntArrayRef 
   return outs;
 }
 
-// In place, this thread's share of group g times f (f == 1, i.e. lam == 0: no write pass).
+// In place, elements [lo, hi) of group g times f (f == 1, i.e. lam == 0: no write pass).
 template <typename T>
-inline void scale_share(const std::vector<at::Tensor>& ts, const GroupPlan& plan, int64_t g,
-                        int tid, int team, acc_t<T> f) {
+inline void scale_range(const std::vector<at::Tensor>& ts, const GroupPlan& plan, int64_t g,
+                        int64_t lo, int64_t hi, acc_t<T> f) {
   if (f == acc_t<T>(1)) return;
-  const auto [lo, hi] = share(plan.size[g], tid, team);
   for_each_piece(ts, plan.members[g], lo, hi, [&](int64_t i, int64_t off, int64_t n) {
     T* p = ts[i].data_ptr<T>() + off;
     scale(p, p, n, f);
   });
 }
 
-// Group by group, every thread sums its share, the team meets at a barrier, and every thread
-// then scales its own share, which is still in its cache (a ViT-B group of r = 16 is ~0.5 MB: as a
-// whole it would not stay in one core's L2 between the two passes, its half does).
+// What a prox-style kernel sums over (part of) a group before it can finish the group.
+struct GroupSums {
+  double sq = 0.0;  // sum of squares
+  double v = 0.0;   // sum of AdamW's exp_avg_sq (adamw_prox_ only)
+};
+
+// Consecutive whole groups per thread, thread t taking groups [first[t], first[t + 1]), when
+// that balances the threads' work within 1/8 (a model's equal-sized blocks, at least one per
+// thread); empty otherwise.
+std::vector<int64_t> whole_group_split(const GroupPlan& plan, int nthreads) {
+  const int64_t G = static_cast<int64_t>(plan.size.size());
+  if (nthreads < 2 || G < nthreads) return {};
+  const int64_t total = std::accumulate(plan.size.begin(), plan.size.end(), int64_t(0));
+  std::vector<int64_t> first{0};
+  int64_t g = 0, done = 0, max_load = 0;
+  for (int t = 1; t <= nthreads; ++t) {
+    const int64_t target = t == nthreads ? total : total * t / nthreads, start = done;
+    // Take groups while that brings the cut closer to the target.
+    while (g < G && (t == nthreads || std::llabs(done + plan.size[g] - target) <
+                                          std::llabs(done - target))) {
+      done += plan.size[g++];
+    }
+    first.push_back(g);
+    max_load = std::max(max_load, done - start);
+  }
+  if (8 * max_load * nthreads > 9 * total) return {};
+  return first;
+}
+
+// The driver of the prox-style kernels: per group, sum(g, lo, hi) -> GroupSums over elements
+// [lo, hi) of the group, then finish(g, sums of the whole group, lo, hi, writes_outputs) updates
+// [lo, hi) in place while it is still in the thread's cache.
+// * Whole groups per thread where that balances (whole_group_split): no synchronisation at all.
+// * Otherwise every thread takes an even share of every group; the team meets at a barrier per
+//   group and adds the partial sums in thread order, so results do not depend on timing.
+template <typename Sum, typename Finish>
+void for_each_group_in_cache(const GroupPlan& plan, Sum&& sum, Finish&& finish) {
+  const int64_t G = static_cast<int64_t>(plan.size.size());
+  const int nthreads = plan.parallel ? at::get_num_threads() : 1;
+  const std::vector<int64_t> first = whole_group_split(plan, nthreads);
+  std::vector<GroupSums> partial(G * nthreads);
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {
+    const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+    if (team == 1 || (team == nthreads && !first.empty())) {
+      const int64_t g0 = team == 1 ? 0 : first[tid], g1 = team == 1 ? G : first[tid + 1];
+      for (int64_t g = g0; g < g1; ++g) finish(g, sum(g, 0, plan.size[g]), 0, plan.size[g], true);
+    } else {
+      for (int64_t g = 0; g < G; ++g) {
+        const auto [lo, hi] = share(plan.size[g], tid, team);
+        partial[g * nthreads + tid] = sum(g, lo, hi);
+#pragma omp barrier
+        GroupSums all;
+        for (int t = 0; t < team; ++t) {
+          all.sq += partial[g * nthreads + t].sq;
+          all.v += partial[g * nthreads + t].v;
+        }
+        finish(g, all, lo, hi, tid == 0);
+      }
+    }
+  }
+}
+
+// Per group: the sum of squares, then the shrink while the group (or this thread's share of it)
+// is in cache (a ViT-B group of r = 16 is ~0.5 MB: it stays in a 1 MB L2 between the two passes,
+// and a thread's share of a larger group does).
 template <typename T>
 void group_prox_kernel(const std::vector<at::Tensor>& ts, const GroupPlan& plan,
                        const acc_t<T>* lam, acc_t<T>* norms) {
   using A = acc_t<T>;
-  const int64_t G = static_cast<int64_t>(plan.size.size());
-  const int nthreads = plan.parallel ? at::get_num_threads() : 1;
-  std::vector<double> partial(G * nthreads, 0.0);
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-  {
-    const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-    for (int64_t g = 0; g < G; ++g) {
-      partial[g * nthreads + tid] = share_sum_squares<T>(ts, plan, g, tid, team);
-#pragma omp barrier
-      double sq = 0.0;
-      for (int t = 0; t < team; ++t) sq += partial[g * nthreads + t];
-      const A norm = gsqrt(static_cast<A>(sq));
-      if (tid == 0) norms[g] = norm;
-      scale_share<T>(ts, plan, g, tid, team, prox_factor<A>(norm, lam[g]));
-    }
-  }
+  for_each_group_in_cache(
+      plan,
+      [&](int64_t g, int64_t lo, int64_t hi) {
+        GroupSums s;
+        for_each_piece(ts, plan.members[g], lo, hi, [&](int64_t i, int64_t off, int64_t n) {
+          s.sq += sum_squares(ts[i].const_data_ptr<T>() + off, n);
+        });
+        return s;
+      },
+      [&](int64_t g, const GroupSums& s, int64_t lo, int64_t hi, bool writes_outputs) {
+        const A norm = gsqrt(static_cast<A>(s.sq));
+        if (writes_outputs) norms[g] = norm;
+        scale_range<T>(ts, plan, g, lo, hi, prox_factor<A>(norm, lam[g]));
+      });
 }
 
 at::Tensor group_prox_cpu(at::TensorList tensors, at::IntArrayRef group_ids, int64_t num_groups,
@@ -424,49 +487,39 @@ struct AdamWTensors {
   std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs;
 };
 
-// Group by group: every thread updates its share and sums θ² and v, the team meets at a barrier,
-// the threshold λ_g is final (divided by Adam's scale d_g = √(mean v̂) + eps for adam_metric, when
-// d_g > 0) and every thread shrinks its share. norms: ‖θ_g‖ after the AdamW update; lam_out: λ_g.
+// Per group: AdamW's update of the group (or this thread's share) summing θ² and v, then the
+// threshold λ_g is final (divided by Adam's scale d_g = √(mean v̂) + eps for adam_metric, when
+// d_g > 0) and the group is shrunk while in cache. norms: ‖θ_g‖ after the AdamW update;
+// lam_out: λ_g.
 template <typename T>
 void adamw_prox_kernel(const AdamWTensors& ts, const GroupPlan& plan,
                        const AdamWCoefs<acc_t<T>>& c, double bc2, bool adam_metric,
                        const acc_t<T>* lam_in, acc_t<T>* norms, acc_t<T>* lam_out) {
   using A = acc_t<T>;
-  const int64_t G = static_cast<int64_t>(plan.size.size());
-  const int nthreads = plan.parallel ? at::get_num_threads() : 1;
-  std::vector<double> part_sq(G * nthreads, 0.0), part_v(G * nthreads, 0.0);
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-  {
-    const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-    for (int64_t g = 0; g < G; ++g) {
-      const auto [lo, hi] = share(plan.size[g], tid, team);
-      double sq = 0.0, sv = 0.0;
-      for_each_piece(ts.params, plan.members[g], lo, hi, [&](int64_t i, int64_t off, int64_t n) {
-        adamw_update(ts.params[i].data_ptr<T>() + off, ts.grads[i].const_data_ptr<T>() + off,
-                     ts.exp_avgs[i].data_ptr<T>() + off, ts.exp_avg_sqs[i].data_ptr<T>() + off, n,
-                     c, sq, sv);
+  for_each_group_in_cache(
+      plan,
+      [&](int64_t g, int64_t lo, int64_t hi) {
+        GroupSums s;
+        for_each_piece(ts.params, plan.members[g], lo, hi, [&](int64_t i, int64_t off, int64_t n) {
+          adamw_update(ts.params[i].data_ptr<T>() + off, ts.grads[i].const_data_ptr<T>() + off,
+                       ts.exp_avgs[i].data_ptr<T>() + off, ts.exp_avg_sqs[i].data_ptr<T>() + off,
+                       n, c, s.sq, s.v);
+        });
+        return s;
+      },
+      [&](int64_t g, const GroupSums& s, int64_t lo, int64_t hi, bool writes_outputs) {
+        const A norm = gsqrt(static_cast<A>(s.sq));
+        A lam = lam_in[g];
+        if (adam_metric) {
+          const A d = gsqrt(static_cast<A>(s.v / (static_cast<double>(plan.size[g]) * bc2))) + c.eps;
+          if (d > A(0) && d < std::numeric_limits<A>::infinity()) lam = lam / d;
+        }
+        if (writes_outputs) {
+          norms[g] = norm;
+          lam_out[g] = lam;
+        }
+        scale_range<T>(ts.params, plan, g, lo, hi, prox_factor<A>(norm, lam));
       });
-      part_sq[g * nthreads + tid] = sq;
-      part_v[g * nthreads + tid] = sv;
-#pragma omp barrier
-      double sq_all = 0.0, v_all = 0.0;
-      for (int t = 0; t < team; ++t) {
-        sq_all += part_sq[g * nthreads + t];
-        v_all += part_v[g * nthreads + t];
-      }
-      const A norm = gsqrt(static_cast<A>(sq_all));
-      A lam = lam_in[g];
-      if (adam_metric) {
-        const A d = gsqrt(static_cast<A>(v_all / (static_cast<double>(plan.size[g]) * bc2))) + c.eps;
-        if (d > A(0) && d < std::numeric_limits<A>::infinity()) lam = lam / d;
-      }
-      if (tid == 0) {
-        norms[g] = norm;
-        lam_out[g] = lam;
-      }
-      scale_share<T>(ts.params, plan, g, tid, team, prox_factor<A>(norm, lam));
-    }
-  }
 }
 
 // `name`[i] must match params[i] in shape, dtype and device.

@@ -88,6 +88,42 @@ def test_kernel_matches_reference(backend, device, dtype, adam_metric):
     assert torch.isfinite(norms).all() and torch.isfinite(lam_used).all()
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("adam_metric", [False, True])
+def test_kernel_matches_reference_model_layout(backend, device, dtype, adam_metric):
+    """Equal groups large enough for the CPU kernel's thread team, which then gives every thread
+    whole groups; one group dies, the others shrink."""
+    g = torch.Generator().manual_seed(2)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    params, ids = [], []
+    for b in range(6):
+        params += [mk(4, 256), mk(1024, 4), mk(4, 1024), mk(4, 256).t()]
+        ids += [b] * 4
+    state = [params, [mk(*p.shape) for p in params], [mk(*p.shape) * 0.1 for p in params],
+             [mk(*p.shape).abs() * 0.01 for p in params]]
+    exp = [_clone(ts) for ts in state]
+    n0, _ = reference.adamw_prox_(*[_clone(ts) for ts in state], _steps(len(params), 3.0), ids, 6,
+                                  torch.zeros(6, dtype=torch.float64), **HYPER, adam_metric=False)
+    lam = n0 * torch.tensor([0.1, 0.2, 0.3, 0.4, 1.5, 0.0], dtype=torch.float64)
+    if adam_metric:
+        lam = lam * 1e-3
+    norms_exp, lam_exp = reference.adamw_prox_(*exp, _steps(len(params), 3.0), ids, 6, lam, **HYPER,
+                                               adam_metric=adam_metric)
+    got = [[t.to(device, dtype) for t in ts] for ts in state]
+    norms, lam_used = get_backend(backend).adamw_prox_(
+        *got, _steps(len(params), 3.0), ids, 6, lam.to(device, dtype), **HYPER,
+        adam_metric=adam_metric)
+    tol = {torch.float64: dict(rtol=1e-12, atol=1e-14), torch.float32: dict(rtol=1e-5, atol=1e-6)}[dtype]
+    torch.testing.assert_close(norms.double().cpu(), norms_exp, **tol)
+    torch.testing.assert_close(lam_used.double().cpu(), lam_exp, **tol)
+    for got_ts, want_ts in zip(got[:1] + got[2:], exp[:1] + exp[2:], strict=True):
+        for a, b in zip(got_ts, want_ts, strict=True):
+            torch.testing.assert_close(a.double().cpu(), b, **tol)
+    if not adam_metric:
+        assert all((p == 0).all() for p, i in zip(got[0], ids, strict=True) if i == 4)
+
+
 @pytest.mark.parametrize("adam_metric", [False, True])
 def test_reference_is_adamw_then_prox(adam_metric):
     """The specification equals torch.optim.AdamW's step followed by the group prox with

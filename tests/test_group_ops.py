@@ -91,6 +91,45 @@ def test_group_prox_in_place(backend, device, dtype):
     assert not tensors[4].is_contiguous()
 
 
+def _blocks(dtype, device, blocks=6, seed=1):
+    """A model's layout: equal groups of fc1.A, fc1.B, fc2.A, fc2.B (r = 4, 256/1024), large enough
+    for the CPU kernels' thread team (which then gives every thread whole groups); block 2 is all
+    zeros, one tensor is non-contiguous."""
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device, dtype)
+    tensors, ids = [], []
+    for b in range(blocks):
+        block = [mk(4, 256), mk(1024, 4), mk(4, 1024), mk(4, 256).t()]
+        if b == 2:
+            block = [torch.zeros_like(t) for t in block]
+        tensors += block
+        ids += [b] * 4
+    return tensors, ids, blocks
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("blocks", [6, 7, 1])
+def test_group_prox_model_layout(backend, device, dtype, blocks):
+    """Equal groups (whole groups per thread: 6 split evenly, 7 not quite, 1 fewer than threads)."""
+    tensors, ids, G = _blocks(dtype, device, blocks)
+    norms64 = reference.group_norms([t.double() for t in tensors], ids, G)
+    # Shrink factors 1 - λ/‖θ‖ from 0.9 to 0.4 (well away from 0, where the norms' rounding would
+    # dominate), and the last group dies.
+    rel = torch.linspace(0.1, 0.6, G, dtype=torch.float64)
+    rel[-1] = 1.5
+    lam = (norms64 * rel).to(device, reference.accumulate_dtype(dtype))
+    expected = [t.clone() for t in tensors]
+    exp_norms = reference.group_prox_(expected, ids, G, lam)
+    norms = get_backend(backend).group_prox_(tensors, ids, G, lam)
+    torch.testing.assert_close(norms.double(), exp_norms.double(), rtol=_tol(dtype), atol=0)
+    eps = torch.finfo(dtype).eps if dtype != torch.float64 else 1e-13
+    for i, (t, e) in enumerate(zip(tensors, expected, strict=True)):
+        torch.testing.assert_close(t, e, rtol=4 * eps, atol=0, msg=f"tensors[{i}]")
+    dead = [g for g in range(G) if lam[g] >= norms64[g]]
+    assert all((t == 0).all() for t, g in zip(tensors, ids, strict=True) if g in dead or g == 2)
+
+
 @pytest.mark.parametrize("backend,device", COMPILED)
 def test_prox_keeps_zero_groups_and_never_nans(backend, device):
     ts = [torch.zeros(4, device=device), torch.zeros(2, 3, device=device)]
