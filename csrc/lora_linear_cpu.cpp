@@ -8,8 +8,9 @@
 //             block by row block; otherwise BLAS ([xa | 1] [s B | b]^T for the second).
 //   backward: ONE fused pass over g gives s u = s g B and dB = s g^T xa (explicit AVX2: BLAS
 //             reads g for these rank-r products at a few GB/s, and g^T xa as BLAS sees it costs
-//             as much as the big GEMM); dx = (s u) A, then dx += g W inside the big GEMM;
-//             dA = (s u)^T x (BLAS).
+//             as much as the big GEMM); then one pass over the rows writes dx = (s u) A and
+//             sums dA = (s u)^T x (AVX2: MKL took 3-5x the time of a write of dx / a read of x
+//             for these), and dx += g W inside the big GEMM (beta = 1). Without AVX2: BLAS.
 //   With a dropout mask W_eff is not an identity, so masked calls and the 16-bit dtypes take
 //   the fused row-block kernels below (whose u / dB pass is the same AVX2 kernel for fp32).
 //
@@ -387,6 +388,50 @@ __attribute__((target("avx2,fma"))) void adapter_rows_avx2(const float* xa, int6
   for (; m < m1; ++m) adapter_block_avx2<1>(xa, RP, r, sBt, b, y, N, m);
 }
 
+// P [r, K] += us[m, :r]^T x[m, :] for the rows NR rows from m (dA = (s u)^T x). The NR rows of x
+// stay in registers for each 8-column chunk, so every load / store of a P chunk serves NR rows.
+template <int NR>
+__attribute__((target("avx2,fma"))) GSLORA_INLINE void outer_block_avx2(
+    const float* __restrict us, int64_t RP, int64_t r, const float* __restrict x, int64_t K,
+    float* __restrict P, int64_t m) {
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv[NR];
+    for (int i = 0; i < NR; ++i) xv[i] = _mm256_loadu_ps(x + (m + i) * K + k);
+    for (int64_t j = 0; j < r; ++j) {
+      float* pj = P + j * K + k;
+      __m256 d = _mm256_loadu_ps(pj);
+      for (int i = 0; i < NR; ++i)
+        d = _mm256_fmadd_ps(_mm256_broadcast_ss(us + (m + i) * RP + j), xv[i], d);
+      _mm256_storeu_ps(pj, d);
+    }
+  }
+  for (; k < K; ++k)  // column tail
+    for (int64_t j = 0; j < r; ++j) {
+      float d = P[j * K + k];
+      for (int i = 0; i < NR; ++i) d += us[(m + i) * RP + j] * x[(m + i) * K + k];
+      P[j * K + k] = d;
+    }
+}
+
+// D [r, K] += (s u)^T x over the rows [m0, m1) (this thread's partial of dA), summed kRowSumBlock
+// rows at a time in a scratch block (like the g^T xa sum above) and then added to D. MKL reads x
+// for this rank-r product at a fraction of the memory speed.
+__attribute__((target("avx2,fma"))) void outer_rows_avx2(const float* us, int64_t RP, int64_t r,
+                                                         const float* x, int64_t K, float* D,
+                                                         int64_t m0, int64_t m1) {
+  std::vector<float> part(static_cast<size_t>(r * K));
+  for (int64_t b0 = m0; b0 < m1; b0 += kRowSumBlock) {
+    const int64_t b1 = std::min(m1, b0 + kRowSumBlock);
+    std::fill(part.begin(), part.end(), 0.0f);
+    float* P = part.data();
+    int64_t m = b0;
+    for (; m + 8 <= b1; m += 8) outer_block_avx2<8>(us, RP, r, x, K, P, m);
+    for (; m < b1; ++m) outer_block_avx2<1>(us, RP, r, x, K, P, m);
+    for (int64_t i = 0; i < r * K; ++i) D[i] += P[i];
+  }
+}
+
 bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
@@ -407,14 +452,15 @@ constexpr int64_t kMergeWork = 64;
 
 bool merge_forward(int64_t M, int64_t K, int64_t r) { return M * r > kMergeWork * K; }
 
-// dB [N, r] = s * sum over threads of the partial sums dB_part [T, N, RP], in one loop (the
-// ATen sum / narrow / mul / contiguous chain cost more than the reduction itself).
+// out [N, r] = s * sum over threads of the partial sums part [T, N, RP] (columns r.. of the
+// padding dropped), in one loop: the ATen sum / narrow / mul / contiguous chain cost more than the
+// reduction itself. dB = s g^T xa from its partials, and dA = (s u)^T x (RP = r, s = 1).
 template <typename T>
-at::Tensor reduce_dB(const at::Tensor& dB_part, int64_t r, double scaling) {
-  const int64_t nthreads = dB_part.size(0), N = dB_part.size(1), RP = dB_part.size(2);
-  at::Tensor dB = at::empty({N, r}, dB_part.options());
-  const T* src = dB_part.const_data_ptr<T>();
-  T* dst = dB.data_ptr<T>();
+at::Tensor reduce_thread_partials(const at::Tensor& part, int64_t r, double scaling) {
+  const int64_t nthreads = part.size(0), N = part.size(1), RP = part.size(2);
+  at::Tensor out = at::empty({N, r}, part.options());
+  const T* src = part.const_data_ptr<T>();
+  T* dst = out.data_ptr<T>();
   const T s = static_cast<T>(scaling);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t j = 0; j < r; ++j) {
@@ -422,7 +468,7 @@ at::Tensor reduce_dB(const at::Tensor& dB_part, int64_t r, double scaling) {
       for (int64_t t = 1; t < nthreads; ++t) sum += src[(t * N + n) * RP + j];
       dst[n * r + j] = sum * s;
     }
-  return dB;
+  return out;
 }
 
 // W_eff = W + s B A  [N, K] (one GEMM with k = r, beta = 1).
@@ -508,7 +554,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_blas(
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, bool compute_dx) {
   using A = acc_t<T>;
   static_assert(std::is_same_v<A, T>, "fp32 / fp64 only");
-  const int64_t M = x.size(0), N = weight.size(0), r = lora_A.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   const int64_t RP = padded_rank(r);
   const int nthreads = at::get_num_threads();
   at::Tensor Bp = pad_cols(lora_B, RP, x.scalar_type());   // [N, RP]
@@ -531,18 +577,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_blas(
       RowKernels<T>::k1(gp, N, nullptr, T(1), s, Bptr, RP, up, xap, dBt, m0, m1);
     });
   }
-  const at::Tensor u_r = us.narrow(1, 0, r);  // [M, r] view, row stride RP (BLAS takes it as is)
-  at::Tensor dx;
-  if (!compute_dx) {
-    dx = at::empty({0}, x.options());
-  } else {
-    // s u A writes dx once; the GEMM adds g W with beta = 1, reading dx inside its microkernel.
-    // Measured as fast as g W_eff for every M (which costs two passes over [N, K]).
-    dx = at::mm(u_r, lora_A);
-    dx.addmm_(g, weight);
+  at::Tensor dx = compute_dx ? at::empty({M, K}, x.options()) : at::empty({0}, x.options());
+  at::Tensor dA;
+#ifdef GSLORA_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx2_fma()) {
+      // One pass over the rows: dx = (s u) A written once (the adapter kernel of the forward,
+      // with A as its [r, K] right factor) and this thread's partial of dA = (s u)^T x.
+      at::Tensor dA_part = at::zeros({nthreads, r, K}, x.options());
+      const float *up = us.const_data_ptr<float>(), *ap = lora_A.const_data_ptr<float>();
+      const float* xp = x.const_data_ptr<float>();
+      float *dxp = compute_dx ? dx.data_ptr<float>() : nullptr, *dAp = dA_part.data_ptr<float>();
+      parallel_rows(M, [&](int64_t tid, int64_t m0, int64_t m1) {
+        if (dxp != nullptr) adapter_rows_avx2(up, RP, r, ap, nullptr, dxp, K, m0, m1);
+        outer_rows_avx2(up, RP, r, xp, K, dAp + tid * r * K, m0, m1);
+      });
+      dA = reduce_thread_partials<float>(dA_part, K, 1.0);
+    }
   }
-  at::Tensor dA = at::mm(u_r.t(), x);
-  return {dx, dA, reduce_dB<T>(dB_part, r, scaling)};
+#endif
+  const at::Tensor u_r = us.narrow(1, 0, r);  // [M, r] view, row stride RP (BLAS takes it as is)
+  if (!dA.defined()) {
+    if (compute_dx) at::mm_out(dx, u_r, lora_A);
+    dA = at::mm(u_r.t(), x);
+  }
+  // s u A is in dx; the GEMM adds g W with beta = 1, reading dx inside its microkernel. Measured
+  // as fast as g W_eff for every M (which costs two passes over [N, K]).
+  if (compute_dx) dx.addmm_(g, weight);
+  return {dx, dA, reduce_thread_partials<T>(dB_part, r, scaling)};
 }
 
 template <typename T>

@@ -127,14 +127,19 @@ def test_low_precision_as_accurate_as_eager(backend, device, dtype, M, K, N, r, 
 
 
 @pytest.mark.parametrize("backend,device", COMPILED)
-def test_compute_dx_false_returns_empty_dx(backend, device):
-    x, W, b, A, B, mask, keep = _inputs(12, 20, 24, 4, torch.float64, device, True, 0.3)
-    dx, dA, dB = torch.ops.gslora.lora_linear_bwd(
-        torch.randn(12, 24, dtype=torch.float64, device=device), x, W, A, B,
-        torch.randn(12, 4, dtype=torch.float64, device=device), 0.5, mask, keep, False,
-    )
+@pytest.mark.parametrize("dtype,dropout", [(torch.float64, 0.3), (torch.float32, 0.0)])
+def test_compute_dx_false_returns_empty_dx(backend, device, dtype, dropout):
+    x, W, b, A, B, mask, keep = _inputs(45, 20, 24, 4, dtype, device, True, dropout)
+    g = torch.randn(45, 24, dtype=torch.float64).to(device, dtype)
+    xa = torch.randn(45, 4, dtype=torch.float64).to(device, dtype)
+    dx, dA, dB = torch.ops.gslora.lora_linear_bwd(g, x, W, A, B, xa, 0.5, mask, keep, False)
     assert dx.numel() == 0 and dx.dtype == x.dtype and dx.device == x.device
-    assert dA.shape == A.shape and dB.shape == B.shape
+    f = lambda t: None if t is None else t.double()
+    _, dA_ref, dB_ref = reference.lora_linear_bwd(f(g), f(x), f(W), f(A), f(B), f(xa), 0.5, mask,
+                                                  keep, False)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(dA.double(), dA_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(dB.double(), dB_ref, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
