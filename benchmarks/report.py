@@ -325,8 +325,8 @@ def analysis(d: Data, device: str) -> list[str]:
                f"{_rng(ratio(d.one('group_sparsity', device, 'adamw+prox', 'loop', c), d.one('group_sparsity', device, 'adamw+prox', 'gslora', c)) for c in cases)} "
                "the time of the fused step; it is "
                f"{_rng(ratio(d.one('group_sparsity', device, 'adamw+prox', 'gslora', c), d.one('group_sparsity', device, 'adamw+prox', 'floor', c)) for c in cases)} "
-               "one in-place multiply over θ, m and v (a sqrt and two divisions per element, and "
-               "the per-group barrier, stand between it and that floor)."
+               "one in-place multiply over θ, m and v (reading the gradient, a sqrt and two "
+               "divisions per element stand between it and that floor)."
                if d.one("group_sparsity", device, "adamw+prox", "gslora", cases[0]) else ""))
     # Train step.
     cases = d.cases("train_step", device)
@@ -363,8 +363,10 @@ result for the LoRA branch (lora_B(lora_A(x)) · s, then a second add into the b
 its backward reads g once more for dB, which is why it is slower and holds more memory than the
 base layer. The fused path accumulates s·(xAᵀ)Bᵀ into the base output (no second [M, N]) and
 keeps only the [M, r] product xAᵀ for the backward, so its extra traffic is O(M·r) instead of
-O(M·N). What remains to the floor is the extra passes over x and g for the thin rank-r GEMMs,
-which BLAS runs at low efficiency (a [M, K] × [K, 8] product is bandwidth-bound).
+O(M·N). What remains to the floor is the extra passes over x, g and dx for the thin rank-r
+products (a [M, K] × [K, 8] product is bandwidth-bound, and MKL ran these at a fraction of the
+memory speed, so the CPU backend does them in explicit AVX2 row-block kernels); removing those
+passes entirely would need the rank-r work inside the GEMM's own tiles (a custom GEMM).
 
 **Group sparsity.** The LoRA parameters of a whole ViT are a few MB; a proximal step has to
 read every value once and write it once. The Python loop launches ~3 ops per tensor plus
