@@ -388,7 +388,7 @@ __attribute__((target("avx2,fma"))) void adapter_rows_avx2(const float* xa, int6
   for (; m < m1; ++m) adapter_block_avx2<1>(xa, RP, r, sBt, b, y, N, m);
 }
 
-// P [r, K] += us[m, :r]^T x[m, :] for the rows NR rows from m (dA = (s u)^T x). The NR rows of x
+// P [r, K] += us[m, :r]^T x[m, :] for the NR rows from m (dA = (s u)^T x). The NR rows of x
 // stay in registers for each 8-column chunk, so every load / store of a P chunk serves NR rows.
 template <int NR>
 __attribute__((target("avx2,fma"))) GSLORA_INLINE void outer_block_avx2(
