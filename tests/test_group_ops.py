@@ -116,7 +116,7 @@ def test_group_prox_model_layout(backend, device, dtype, blocks):
     norms64 = reference.group_norms([t.double() for t in tensors], ids, G)
     # Shrink factors 1 - λ/‖θ‖ from 0.9 to 0.4 (well away from 0, where the norms' rounding would
     # dominate), and the last group dies.
-    rel = torch.linspace(0.1, 0.6, G, dtype=torch.float64)
+    rel = torch.linspace(0.1, 0.6, G, dtype=torch.float64, device=norms64.device)
     rel[-1] = 1.5
     lam = (norms64 * rel).to(device, reference.accumulate_dtype(dtype))
     expected = [t.clone() for t in tensors]
