@@ -186,11 +186,10 @@ inline void for_each_piece(const std::vector<at::Tensor>& ts, const std::vector<
   }
 }
 
-// Partial sums of squares of this thread's share of group g.
+// The sum of squares of elements [lo, hi) of group g.
 template <typename T>
-inline double share_sum_squares(const std::vector<at::Tensor>& ts, const GroupPlan& plan,
-                                int64_t g, int tid, int nthreads) {
-  const auto [lo, hi] = share(plan.size[g], tid, nthreads);
+inline double range_sum_squares(const std::vector<at::Tensor>& ts, const GroupPlan& plan,
+                                int64_t g, int64_t lo, int64_t hi) {
   double sq = 0.0;
   for_each_piece(ts, plan.members[g], lo, hi, [&](int64_t i, int64_t off, int64_t n) {
     sq += sum_squares(ts[i].const_data_ptr<T>() + off, n);
@@ -217,8 +216,10 @@ void group_sq_norms_kernel(const std::vector<at::Tensor>& ts, const GroupPlan& p
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
     const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-    for (int64_t g = 0; g < G; ++g)
-      partial[g * nthreads + tid] = share_sum_squares<T>(ts, plan, g, tid, team);
+    for (int64_t g = 0; g < G; ++g) {
+      const auto [lo, hi] = share(plan.size[g], tid, team);
+      partial[g * nthreads + tid] = range_sum_squares<T>(ts, plan, g, lo, hi);
+    }
   }
   for (int64_t g = 0; g < G; ++g) {
     double sq = 0.0;
@@ -358,11 +359,7 @@ void group_prox_kernel(const std::vector<at::Tensor>& ts, const GroupPlan& plan,
   for_each_group_in_cache(
       plan,
       [&](int64_t g, int64_t lo, int64_t hi) {
-        GroupSums s;
-        for_each_piece(ts, plan.members[g], lo, hi, [&](int64_t i, int64_t off, int64_t n) {
-          s.sq += sum_squares(ts[i].const_data_ptr<T>() + off, n);
-        });
-        return s;
+        return GroupSums{range_sum_squares<T>(ts, plan, g, lo, hi)};
       },
       [&](int64_t g, const GroupSums& s, int64_t lo, int64_t hi, bool writes_outputs) {
         const A norm = gsqrt(static_cast<A>(s.sq));
