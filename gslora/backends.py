@@ -88,6 +88,22 @@ def _why_not(backend: Any, device: torch.device) -> str | None:
     return backend.unavailable_reason() or backend.reject_reason(device)
 
 
+# os.environ.get is four Python-level calls that raise and catch a KeyError when the variable is
+# unset: ~35 µs on every op once a model's forward has evicted the interpreter's caches (measured
+# here, more than some fused kernels take). os.environ keeps its entries in a plain dict
+# (``_data``, kept in sync by ``os.environ[...] = ...`` and ``del``), so one C-level lookup there
+# sees the same value.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_BACKEND_ENV_KEY = os.environ.encodekey("GSLORA_BACKEND") if _ENVIRON_DATA is not None else None
+
+
+def _backend_from_env() -> str:
+    if _ENVIRON_DATA is None:
+        return os.environ.get("GSLORA_BACKEND", "")
+    value = _ENVIRON_DATA.get(_BACKEND_ENV_KEY)
+    return "" if value is None else os.environ.decodevalue(value)
+
+
 def select_backend(device: torch.device | str, requested: str | None = None) -> Any:
     """The backend that will run ops on tensors of ``device``.
 
@@ -95,7 +111,7 @@ def select_backend(device: torch.device | str, requested: str | None = None) -> 
     empty means the device's preference list. ``TRITON_INTERPRET`` is read at the first
     selection for a device (like triton itself, it must be set before the process starts work).
     """
-    name = requested if requested is not None else os.environ.get("GSLORA_BACKEND", "")
+    name = requested if requested is not None else _backend_from_env()
     # Called on every op: the hit path is a single dict lookup (each Python step costs several
     # µs once a model's forward has evicted the interpreter's caches).
     backend = _SELECTED.get((device, name))

@@ -28,6 +28,9 @@ def test_env_variable_overrides(monkeypatch):
     monkeypatch.setenv("GSLORA_BACKEND", "cuda")
     with pytest.raises(BackendError, match="GSLORA_BACKEND='cuda' cannot run on cpu"):
         select_backend("cpu")
+    # The variable is read on every call (from os.environ's own dict): unsetting it is seen too.
+    monkeypatch.delenv("GSLORA_BACKEND")
+    assert select_backend("cpu").name == select_backend("cpu", "auto").name
 
 
 def test_unknown_and_unservable_requests_list_reasons():
