@@ -13,11 +13,14 @@
 //   changed. adamw_prox_ (the optimizer step fused with it) likewise, for params and the two
 //   state lists.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
 
 #include "checks.h"
@@ -42,19 +45,60 @@ std::vector<at::Tensor> call_group_scale(at::TensorList tensors, at::IntArrayRef
   return op.call(tensors, group_ids, coeffs);
 }
 
+// The [G] vectors are a few dozen numbers. On the CPU a scalar loop over them replaces the ATen
+// expressions (each op a dispatch and an allocation, several µs apiece: the backward's five took
+// longer than its fused pass over the face layout). Not for fake or functional tensors (tracing
+// under torch.compile), which have no data to loop over.
+bool plain_cpu(const at::Tensor& t) { return t.is_cpu() && !at::isTensorSubclassLike(t); }
+
 // Norms [G] and the penalty (a 0-d tensor) in the accumulate dtype of the tensors.
 std::pair<at::Tensor, at::Tensor> penalty_and_norms(at::TensorList tensors,
                                                     at::IntArrayRef group_ids, int64_t num_groups,
                                                     const at::Tensor& weights) {
   // group_sq_norms validates the tensors and ids (it runs first so that tensors[0] exists);
   // only the weights are checked here.
-  const at::Tensor norms = call_group_sq_norms(tensors, group_ids, num_groups).sqrt_();
+  at::Tensor norms = call_group_sq_norms(tensors, group_ids, num_groups);
   const char* op = "gslora::group_lasso_penalty";
   check_group_vector(op, "weights", weights, num_groups, norms.device());
   TORCH_CHECK(weights.scalar_type() == norms.scalar_type(), op,
               ": weights must have the accumulate dtype ", norms.scalar_type(),
               " of the tensors, got ", weights.scalar_type());
-  return {norms, at::dot(norms, weights)};
+  if (!(plain_cpu(norms) && plain_cpu(weights))) {
+    norms.sqrt_();
+    return {norms, at::dot(norms, weights)};
+  }
+  at::Tensor penalty = at::empty({}, norms.options());
+  const at::Tensor w = weights.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(norms.scalar_type(), "group_lasso_penalty_cpu", [&] {
+    scalar_t* n = norms.data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t sum = 0;
+    for (int64_t g = 0; g < num_groups; ++g) {
+      n[g] = std::sqrt(n[g]);
+      sum += wp[g] * n[g];
+    }
+    *penalty.data_ptr<scalar_t>() = sum;
+  });
+  return {norms, penalty};
+}
+
+// c_g = grad * w_g / ||theta_g||, and 0 for zero groups (the minimal-norm sub-gradient).
+at::Tensor penalty_coeffs(const at::Tensor& grad, const at::Tensor& weights,
+                          const at::Tensor& norms) {
+  if (!(plain_cpu(grad) && plain_cpu(weights) && plain_cpu(norms))) {
+    // where() drops the 0/0 of zero groups.
+    return at::where(norms > 0, grad.to(norms.scalar_type()) * weights / norms, 0);
+  }
+  at::Tensor coeffs = at::empty_like(norms);
+  const at::Tensor w = weights.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(norms.scalar_type(), "group_lasso_penalty_backward_cpu", [&] {
+    const auto gr = static_cast<scalar_t>(grad.item<double>());  // grad.to(): the same rounding
+    const scalar_t* n = norms.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* c = coeffs.data_ptr<scalar_t>();
+    for (int64_t g = 0; g < norms.numel(); ++g) c[g] = n[g] > 0 ? gr * wp[g] / n[g] : 0;
+  });
+  return coeffs;
 }
 
 // Below autograd (and for the meta / fake tensors of torch.compile): the value only.
@@ -86,11 +130,7 @@ class GroupLassoPenalty : public torch::autograd::Function<GroupLassoPenalty> {
     const at::Tensor norms = saved.back();
     saved.pop_back();
     const std::vector<int64_t> group_ids = ctx->saved_data["group_ids"].toIntVector();
-    const at::Tensor& grad = grad_outputs[0];
-    // c_g = grad * w_g / ||theta_g|| on the [G] vector; 0 for zero groups (where() drops the
-    // 0/0 there).
-    const at::Tensor coeffs =
-        at::where(norms > 0, grad.to(norms.scalar_type()) * weights / norms, 0);
+    const at::Tensor coeffs = penalty_coeffs(grad_outputs[0], weights, norms);
     torch::autograd::variable_list grads = call_group_scale(saved, group_ids, coeffs);
     // One entry per forward argument (the list flattened): group_ids, num_groups and weights
     // get none.

@@ -171,10 +171,11 @@ def test_opcheck(backend, device, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_penalty_value_and_grads_match_the_reference(backend, device, dtype):
     # Unequal groups, an all-zero group (sub-gradient 0, no NaN), an empty group, a
-    # non-contiguous tensor; the compiled backends run the C++ autograd op.
+    # non-contiguous tensor and weights; the compiled backends run the C++ autograd op.
     tensors, ids, G = _groups(dtype, device)
     acc = reference.accumulate_dtype(dtype)
-    w = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5], dtype=acc, device=device)
+    w = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5], dtype=acc, device=device).repeat_interleave(2)[::2]
+    assert not w.is_contiguous()
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     pen = functional.group_lasso_penalty(leaves, ids, G, w, backend=backend)
     (3.0 * pen).backward()
