@@ -5,7 +5,8 @@ this machine at all) and a ``reject_reason(device)`` (None when it serves tensor
 device), plus the six ops of :mod:`gslora.reference` with the same signatures:
 ``lora_linear_fwd``, ``lora_linear_bwd``, ``group_sq_norms``, ``group_scale``, ``group_prox_``
 and ``adamw_prox_`` (the AdamW step fused with the prox; a backend without a kernel for it
-serves it with the reference, which is the same math op by op).
+serves it with the reference, which is the same math op by op, and says so with
+``has_fused_adamw_prox()``).
 A backend may also offer differentiable versions with their own backward,
 ``lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)`` and
 ``group_lasso_penalty(tensors, group_ids, num_groups, weights)``; without them,
@@ -56,6 +57,10 @@ class Backend(Protocol):
     # True when the ops validate every tensor themselves (the compiled ones do, in C++); else
     # gslora.functional checks dtypes and devices in Python before calling them.
     validates_inputs: bool
+
+    # True when adamw_prox_ is one fused kernel; False when it is the reference's math op by op,
+    # which is slower than the inner optimizer's own step followed by the fused prox.
+    def has_fused_adamw_prox(self) -> bool: ...
 
 
 _REGISTRY: dict[str, Any] = {}
@@ -174,6 +179,9 @@ class TorchBackend:
     def reject_reason(self, device: torch.device) -> str | None:
         return None
 
+    def has_fused_adamw_prox(self) -> bool:
+        return False
+
 
 @torch.compiler.assume_constant_result
 def _has_kernel(op: str, dispatch_key: str) -> bool:
@@ -244,11 +252,14 @@ class ExtensionBackend:
         # Forward and backward with a C++ autograd kernel: no per-tensor Python bookkeeping.
         return torch.ops.gslora.group_lasso_penalty.default(tensors, group_ids, num_groups, weights)
 
-    def adamw_prox_(self, params, grads, exp_avgs, exp_avg_sqs, state_steps, group_ids,
-                    num_groups, thresholds, lr, beta1, beta2, eps, weight_decay, adam_metric):
+    def has_fused_adamw_prox(self) -> bool:
         if self._adamw_kernel is None:  # cached: the query costs as much as a small step
             self._adamw_kernel = _has_kernel("gslora::adamw_prox_", self.dispatch_key)
-        if not self._adamw_kernel:
+        return self._adamw_kernel
+
+    def adamw_prox_(self, params, grads, exp_avgs, exp_avg_sqs, state_steps, group_ids,
+                    num_groups, thresholds, lr, beta1, beta2, eps, weight_decay, adam_metric):
+        if not self.has_fused_adamw_prox():
             # The fused optimizer kernel exists for the CPU only so far: the same math, op by op.
             return reference.adamw_prox_(params, grads, exp_avgs, exp_avg_sqs, state_steps,
                                          group_ids, num_groups, thresholds, lr, beta1, beta2, eps,
@@ -287,6 +298,9 @@ class TritonBackend:
         if not interpreting and device.type != "cuda":
             return f"needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device.type}"
         return None
+
+    def has_fused_adamw_prox(self) -> bool:
+        return False
 
     def __getattr__(self, op: str):
         if op in ("lora_linear_fwd", "lora_linear_bwd", "group_sq_norms", "group_scale",

@@ -642,8 +642,11 @@ class ProxOptimizer(torch.optim.Optimizer):
     AdamW's per-tensor ops followed by the prox's norm pass and scale pass. The optimizer state
     stays AdamW's own (``step``, ``exp_avg``, ``exp_avg_sq`` per tensor), so state dicts and LR
     schedulers work unchanged, and results equal the unfused path up to rounding. ``fused=None``
-    (default) fuses whenever possible; ``True`` requires it (ValueError at construction, or
-    RuntimeError at a step where a tensor has no gradient); ``False`` never fuses.
+    (default) fuses whenever possible on a backend with a fused kernel (the compiled CPU one so
+    far; elsewhere ``adamw_prox_`` is the reference's math op by op, slower than AdamW's own step,
+    foreach on CUDA, followed by the fused prox); ``True`` requires it (ValueError at
+    construction, or RuntimeError at a step where a tensor has no gradient) and runs the
+    reference's math where there is no kernel; ``False`` never fuses.
 
     Attributes:
         last_alpha: α used by the last step. last_result: its :class:`ProxResult` (None if the
@@ -848,7 +851,9 @@ class ProxOptimizer(torch.optim.Optimizer):
         """Inner ``step(closure)``, then the proximal step with the schedule's α (one fused pass
         when possible, see ``fused``)."""
         self.sparsity._check_layout()
-        if self.fused is False or self._unfusable_reason is not None or not self.sparsity._fused:
+        sp = self.sparsity
+        if (self.fused is False or self._unfusable_reason is not None or not sp._fused
+                or (self.fused is None and not sp._impl.has_fused_adamw_prox())):
             return self._unfused_step(closure)
         loss = None
         if closure is not None:

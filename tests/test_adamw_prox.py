@@ -308,3 +308,18 @@ def test_fused_only_when_possible():
     sp.params[0].grad = torch.ones_like(sp.params[0])
     auto.step()
     assert not auto.last_step_fused
+
+
+def test_fused_by_default_only_with_a_fused_kernel():
+    # The torch backend's adamw_prox_ is the reference's math op by op: by default AdamW's own
+    # step and the fused prox run instead; fused=True still gets the (same) fused math.
+    for backend, kernel in (("cpu", True), ("torch", False)):
+        sp = GroupSparsity(_model_groups(), backend=backend)
+        assert sp._impl.has_fused_adamw_prox() is kernel
+        for t in sp.params:
+            t.grad = torch.ones_like(t)
+        auto = ProxOptimizer(torch.optim.AdamW(list(sp.params), lr=0.1), sp, 0.1)
+        strict = ProxOptimizer(torch.optim.AdamW(list(sp.params), lr=0.1), sp, 0.1, fused=True)
+        auto.step()
+        strict.step()
+        assert auto.last_step_fused is kernel and strict.last_step_fused
