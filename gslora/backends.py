@@ -260,7 +260,8 @@ class ExtensionBackend:
     def adamw_prox_(self, params, grads, exp_avgs, exp_avg_sqs, state_steps, group_ids,
                     num_groups, thresholds, lr, beta1, beta2, eps, weight_decay, adam_metric):
         if not self.has_fused_adamw_prox():
-            # The fused optimizer kernel exists for the CPU only so far: the same math, op by op.
+            # No fused optimizer kernel in this build for this device (the CUDA extension has
+            # none; the triton backend has one): the same math, op by op.
             return reference.adamw_prox_(params, grads, exp_avgs, exp_avg_sqs, state_steps,
                                          group_ids, num_groups, thresholds, lr, beta1, beta2, eps,
                                          weight_decay, adam_metric)
@@ -300,14 +301,12 @@ class TritonBackend:
         return None
 
     def has_fused_adamw_prox(self) -> bool:
-        return False
+        return True
 
     def __getattr__(self, op: str):
         if op in ("lora_linear_fwd", "lora_linear_bwd", "group_sq_norms", "group_scale",
-                  "group_prox_"):
+                  "group_prox_", "adamw_prox_"):
             return getattr(self._kernels(), op)
-        if op == "adamw_prox_":  # no Triton kernel for the fused optimizer step: the reference
-            return reference.adamw_prox_
         raise AttributeError(op)
 
 

@@ -642,8 +642,8 @@ class ProxOptimizer(torch.optim.Optimizer):
     AdamW's per-tensor ops followed by the prox's norm pass and scale pass. The optimizer state
     stays AdamW's own (``step``, ``exp_avg``, ``exp_avg_sq`` per tensor), so state dicts and LR
     schedulers work unchanged, and results equal the unfused path up to rounding. ``fused=None``
-    (default) fuses whenever possible on a backend with a fused kernel (the compiled CPU one so
-    far; elsewhere ``adamw_prox_`` is the reference's math op by op, slower than AdamW's own step,
+    (default) fuses whenever possible on a backend with a fused kernel (``cpu`` and ``triton``;
+    elsewhere ``adamw_prox_`` is the reference's math op by op, slower than AdamW's own step,
     foreach on CUDA, followed by the fused prox); ``True`` requires it (ValueError at
     construction, or RuntimeError at a step where a tensor has no gradient) and runs the
     reference's math where there is no kernel; ``False`` never fuses.

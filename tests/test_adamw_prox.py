@@ -5,6 +5,7 @@ unfused one."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -14,9 +15,17 @@ from gslora._ext import load_error
 from gslora.backends import get_backend
 from gslora.sparsity import GroupSparsity, ProxOptimizer, SparsityWarmup
 
+# Triton runs CPU tensors in the interpreter (conftest sets TRITON_INTERPRET=1), CUDA tensors
+# under GSLORA_TEST_CUDA=1 on a GPU machine.
+TRITON_DEVICE = ("cpu" if os.environ.get("TRITON_INTERPRET") == "1"
+                 else "cuda" if torch.cuda.is_available() else None)
 BACKENDS = [("cpu", "cpu"), ("torch", "cpu")]
 if torch.cuda.is_available():
     BACKENDS += [("cuda", "cuda"), ("torch", "cuda")]
+if TRITON_DEVICE is not None:
+    BACKENDS.append(("triton", TRITON_DEVICE))
+# The ProxOptimizer tests build CPU parameters.
+CPU_BACKENDS = ["cpu", "torch"] + (["triton"] if TRITON_DEVICE == "cpu" else [])
 HYPER = dict(lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05)
 
 
@@ -192,6 +201,31 @@ def test_bad_arguments():
     assert all(s.item() == 0.0 for s in steps)
 
 
+@pytest.mark.skipif(TRITON_DEVICE is None, reason="triton runs neither interpreted nor on a GPU")
+def test_triton_op_checks_and_bad_arguments():
+    """The Triton op: torch.library's checks and its Python validation."""
+    params, grads, ms, vs, ids, G = _state(torch.float32, TRITON_DEVICE)
+    params = [p.contiguous() for p in params]
+    lam = torch.full((G,), 0.01, device=TRITON_DEVICE)
+    torch.library.opcheck(torch.ops.gslora_triton.adamw_prox_.default,
+                          (params, grads, ms, vs, _steps(len(params), 0.0), ids, G, lam, 1e-2, 0.9,
+                           0.999, 1e-8, 0.01, True))
+    op = get_backend("triton").adamw_prox_
+    steps = _steps(len(params), 0.0)
+    args = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, adam_metric=False)
+    with pytest.raises(ValueError, match=r"grads\[1\] is \[7, 3\]"):
+        op(params, [grads[0], grads[0]] + grads[2:], ms, vs, steps, ids, G, lam, **args)
+    with pytest.raises(ValueError, match="exp_avg_sqs has 7 tensors"):
+        op(params, grads, ms, vs[:-1], steps, ids, G, lam, **args)
+    with pytest.raises(ValueError, match="beta2 = 1.0 is out of range"):
+        op(params, grads, ms, vs, steps, ids, G, lam, **{**args, "beta2": 1.0})
+    with pytest.raises(ValueError, match="state_steps must all be equal"):
+        op(params, grads, ms, vs, steps[:2] + _steps(6, 1.0), ids, G, lam, **args)
+    with pytest.raises(ValueError, match="thresholds must be a tensor of shape"):
+        op(params, grads, ms, vs, steps, ids, G, lam[:-1], **args)
+    assert all(s.item() == 0.0 for s in steps)
+
+
 # ---------------------------------------------------------------------------- ProxOptimizer
 def _model_groups(seed=0):
     """4 LoRA-like groups; groups 1 and 3 start small so that the prox zeroes them."""
@@ -220,7 +254,7 @@ def _train(fused, metric, backend=None, steps=8, alpha=0.5, state_dict=None):
     return sp, opt, results
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("metric", ["euclidean", "adam"])
 def test_prox_optimizer_fused_equals_unfused(backend, metric):
     # λ ≈ 3 either way (d_g ≈ 0.1, the gradients' RMS, in Adam's metric): between the small
@@ -313,7 +347,8 @@ def test_fused_only_when_possible():
 def test_fused_by_default_only_with_a_fused_kernel():
     # The torch backend's adamw_prox_ is the reference's math op by op: by default AdamW's own
     # step and the fused prox run instead; fused=True still gets the (same) fused math.
-    for backend, kernel in (("cpu", True), ("torch", False)):
+    for backend in CPU_BACKENDS:
+        kernel = backend != "torch"
         sp = GroupSparsity(_model_groups(), backend=backend)
         assert sp._impl.has_fused_adamw_prox() is kernel
         for t in sp.params:

@@ -44,6 +44,7 @@ def test_every_kernel_and_config_compiled(aot_results):
     assert kernels == {
         "_lora_proj_kernel", "_lora_gemm_kernel", "_lora_wgrad_kernel",
         "_group_sq_norms_kernel", "_group_prox_kernel", "_group_scale_kernel",
+        "_adamw_prox_kernel",
     }
     assert len(aot_results) == len(aot.jobs([80, 90], aot.DEFAULT_VARIANTS))
     assert {r["variant"] for r in aot_results} == set(aot.DEFAULT_VARIANTS)

@@ -1,7 +1,8 @@
 """Triton GPU kernels for gslora (fused LoRA linear forward/backward, fused group ops).
 
-The five ops have exactly the signatures and semantics of :mod:`gslora.reference`:
-``lora_linear_fwd``, ``lora_linear_bwd``, ``group_sq_norms``, ``group_scale``, ``group_prox_``.
+The six ops have exactly the signatures and semantics of :mod:`gslora.reference`:
+``lora_linear_fwd``, ``lora_linear_bwd``, ``group_sq_norms``, ``group_scale``, ``group_prox_``
+and ``adamw_prox_`` (the AdamW step fused with the prox).
 They run CUDA tensors, or CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` was set
 before this package was first used. They are also registered as ``torch.ops.gslora_triton.*``
 custom ops (with fake implementations) so ``torch.compile`` can trace them.
@@ -33,6 +34,7 @@ __all__ = [
     "group_sq_norms",
     "group_scale",
     "group_prox_",
+    "adamw_prox_",
 ]
 
 _load_error: str | None = None
@@ -131,3 +133,28 @@ def group_prox_(
 ) -> Tensor:
     """In place θ_g ← θ_g·max(0, 1 − λ_g/‖θ_g‖₂) in one launch; returns the norms before [G]."""
     return _require().group_prox_(tensors, group_ids, num_groups, thresholds)
+
+
+def adamw_prox_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    group_ids: Sequence[int],
+    num_groups: int,
+    thresholds: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    adam_metric: bool,
+) -> tuple[Tensor, Tensor]:
+    """torch.optim.AdamW's step and then the group prox, in place, one launch (one program per
+    group: update and sum, then shrink while the group is in L2); returns the norms after the
+    AdamW update and the thresholds used, [num_groups] each. ``state_steps``: AdamW's per-tensor
+    step counts (CPU scalars, all equal), incremented."""
+    return _require().adamw_prox_(params, grads, exp_avgs, exp_avg_sqs, state_steps, group_ids,
+                                  num_groups, thresholds, lr, beta1, beta2, eps, weight_decay,
+                                  adam_metric)

@@ -113,6 +113,13 @@ def _signatures(variant: str) -> dict[str, list[tuple[str, Any]]]:
             ("lens_ptr", "*i64:16"), ("gids_ptr", "*i64:16"), ("coeffs_ptr", "*fp32:16"),
             ("EMULATE_RNE", False),
         ],
+        "_adamw_prox_kernel": [
+            ("p_ptr", p), ("g_ptr", p), ("m_ptr", p), ("v_ptr", p), ("table_ptr", "*i64:16"),
+            ("starts_ptr", "*i64"), ("coef_ptr", "*fp32:16"), ("thr_ptr", "*fp32:16"),
+            ("norms_ptr", "*fp32:16"), ("lam_ptr", "*fp32:16"), ("n_rows", "i32"),
+            ("LERP_LOW", True), ("ADAM_METRIC", True), ("ACC_DT", tl.float32),
+            ("EMULATE_RNE", False),
+        ],
     }
 
 
@@ -131,6 +138,7 @@ def _kernels(variant: str = "bf16") -> dict[str, Any]:
         "_group_sq_norms_kernel": (group._group_sq_norms_kernel, [None]),
         "_group_prox_kernel": (group._group_prox_kernel, [None]),
         "_group_scale_kernel": (group._group_scale_kernel, [None]),
+        "_adamw_prox_kernel": (group._adamw_prox_kernel, [None]),
     }
 
 

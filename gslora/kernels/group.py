@@ -22,6 +22,7 @@ For sharded parameters (FSDP/TP) the prox must use globally reduced norms: call
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -30,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .lora import INTERPRET, store_rounded
+from .lora import INTERPRET, store_rounded, to_bf16_rne
 
 NORM_BLOCK = 1024 if not INTERPRET else 4096
 SCALE_BLOCK = 1024 if not INTERPRET else 4096
@@ -81,6 +82,111 @@ def _group_prox_kernel(base_ptr, offs_ptr, lens_ptr, starts_ptr, thr_ptr, norms_
         for i in range(0, n, BLOCK):
             idx = i + tl.arange(0, BLOCK)
             ptrs = base_ptr + off + idx
+            v = tl.load(ptrs, mask=idx < n, other=0.0)
+            store_rounded(ptrs, v.to(ACC_DT) * factor, idx < n, EMULATE_RNE)
+
+
+@triton.jit
+def _rounded(val, ptr, EMULATE_RNE: tl.constexpr):
+    """val as a store through ``ptr`` rounds it (what _adamw_prox_kernel sums must be what it wrote)."""
+    if EMULATE_RNE:
+        return to_bf16_rne(val.to(tl.float32))
+    return val.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _div_rn(a, b, ACC_DT: tl.constexpr):
+    """a / b rounded to nearest like torch's division (fp32 '/' is approximate on the GPU)."""
+    if ACC_DT == tl.float64:
+        return a / b  # IEEE in fp64; tl.div_rn takes fp32 only
+    return tl.div_rn(a, b)
+
+
+@triton.jit
+def _sqrt_rn(a, ACC_DT: tl.constexpr):
+    """sqrt rounded to nearest like torch's (fp32 tl.sqrt is approximate on the GPU)."""
+    if ACC_DT == tl.float64:
+        return tl.sqrt(a)
+    return tl.sqrt_rn(a)
+
+
+@triton.jit
+def _adamw_prox_kernel(p_ptr, g_ptr, m_ptr, v_ptr, table_ptr, starts_ptr, coef_ptr, thr_ptr,
+                       norms_ptr, lam_ptr, n_rows, LERP_LOW: tl.constexpr,
+                       ADAM_METRIC: tl.constexpr, ACC_DT: tl.constexpr,
+                       EMULATE_RNE: tl.constexpr, BLOCK: tl.constexpr):
+    """torch.optim.AdamW's update of group g (θ, m, v read and written once) summing θ² and v of
+    the stored values, then λ_g (divided by Adam's scale d_g with ADAM_METRIC) and the in-place
+    shrink θ ← θ·max(0, 1 − λ_g/‖θ_g‖) while the group is in L2; the math and its evaluation
+    order are those of the CPU kernel (csrc/group_ops_cpu.cpp, adamw_update_impl).
+
+    table rows (one per tensor, grouped by g): offsets of θ, grad, m, v from their base pointers,
+    then the element count; after the 5·n_rows row entries, the element count of every group.
+    coef: decay, w1, β2, w2, √bc2, eps, step_size, bc2 in ACC_DT (see adamw_prox_impl).
+    """
+    g = tl.program_id(0)
+    c0 = tl.load(starts_ptr + g).to(tl.int32)
+    c1 = tl.load(starts_ptr + g + 1).to(tl.int32)
+    decay = tl.load(coef_ptr + 0)
+    w1 = tl.load(coef_ptr + 1)
+    beta2 = tl.load(coef_ptr + 2)
+    w2 = tl.load(coef_ptr + 3)
+    bc2_sqrt = tl.load(coef_ptr + 4)
+    eps = tl.load(coef_ptr + 5)
+    step_size = tl.load(coef_ptr + 6)
+    bc2 = tl.load(coef_ptr + 7)
+    acc_sq = tl.zeros((BLOCK,), dtype=ACC_DT)
+    acc_v = tl.zeros((BLOCK,), dtype=ACC_DT)
+    for c in range(c0, c1):
+        p_off = tl.load(table_ptr + c)
+        g_off = tl.load(table_ptr + n_rows + c)
+        m_off = tl.load(table_ptr + 2 * n_rows + c)
+        v_off = tl.load(table_ptr + 3 * n_rows + c)
+        n = tl.load(table_ptr + 4 * n_rows + c)
+        for i in range(0, n, BLOCK):
+            idx = i + tl.arange(0, BLOCK)
+            live = idx < n
+            gi = tl.load(g_ptr + g_off + idx, mask=live, other=0.0).to(ACC_DT)
+            m0 = tl.load(m_ptr + m_off + idx, mask=live, other=0.0).to(ACC_DT)
+            v0 = tl.load(v_ptr + v_off + idx, mask=live, other=0.0).to(ACC_DT)
+            p0 = tl.load(p_ptr + p_off + idx, mask=live, other=0.0).to(ACC_DT)
+            # torch's lerp switches formulas at weight 0.5 for accuracy.
+            if LERP_LOW:
+                mi = m0 + w1 * (gi - m0)
+            else:
+                mi = gi - (gi - m0) * (1.0 - w1)
+            vi = v0 * beta2 + w2 * gi * gi
+            denom = _div_rn(_sqrt_rn(vi, ACC_DT), bc2_sqrt, ACC_DT) + eps
+            pi = p0 * decay + (-step_size) * _div_rn(mi, denom, ACC_DT)
+            ps = _rounded(pi, p_ptr, EMULATE_RNE)
+            vs = _rounded(vi, v_ptr, EMULATE_RNE)
+            tl.store(p_ptr + p_off + idx, ps, mask=live)
+            tl.store(m_ptr + m_off + idx, _rounded(mi, m_ptr, EMULATE_RNE), mask=live)
+            tl.store(v_ptr + v_off + idx, vs, mask=live)
+            pr = ps.to(ACC_DT)
+            # Masked lanes: 0/0 when eps = 0; keep them out of the sums.
+            acc_sq += tl.where(live, pr * pr, 0.0)
+            acc_v += tl.where(live, vs.to(ACC_DT), 0.0)
+    norm = _sqrt_rn(tl.sum(acc_sq, axis=0), ACC_DT)
+    lam = tl.load(thr_ptr + g).to(ACC_DT)
+    if ADAM_METRIC:
+        size = tl.load(table_ptr + 5 * n_rows + g).to(ACC_DT)
+        # An empty group has no scale (0/0 on the CPU): its λ stays.
+        d = _sqrt_rn(_div_rn(tl.sum(acc_v, axis=0), tl.where(size > 0, size, 1.0) * bc2,
+                             ACC_DT), ACC_DT) + eps
+        ok = (size > 0) & (d > 0) & (d < float("inf"))
+        lam = tl.where(ok, lam / tl.where(ok, d, 1.0), lam)
+    safe = tl.where(norm > 0, norm, 1.0)
+    factor = tl.where(norm > lam, 1.0 - lam / safe, 0.0)
+    tl.store(norms_ptr + g, norm)
+    tl.store(lam_ptr + g, lam)
+    tl.debug_barrier()  # the group's θ written above, read back below by other threads
+    for c in range(c0, c1):
+        p_off = tl.load(table_ptr + c)
+        n = tl.load(table_ptr + 4 * n_rows + c)
+        for i in range(0, n, BLOCK):
+            idx = i + tl.arange(0, BLOCK)
+            ptrs = p_ptr + p_off + idx
             v = tl.load(ptrs, mask=idx < n, other=0.0)
             store_rounded(ptrs, v.to(ACC_DT) * factor, idx < n, EMULATE_RNE)
 
@@ -249,3 +355,64 @@ def group_scale_impl(tensors: Sequence[Tensor], ids: list[int], coeffs: Tensor,
                 if tgt is not o:
                     o.copy_(tgt)
     return outs
+
+
+def adamw_prox_impl(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                    exp_avg_sqs: Sequence[Tensor], state_steps: Sequence[Tensor], ids: list[int],
+                    num_groups: int, thresholds: Tensor, lr: float, beta1: float, beta2: float,
+                    eps: float, weight_decay: float, adam_metric: bool) -> tuple[Tensor, Tensor]:
+    """AdamW + group prox in place, one launch (validated arguments, equal step counts);
+    returns the norms after the AdamW update and the thresholds used, [num_groups] each."""
+    work = [_contiguous(ts) for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+    dtype, device = work[0][0].dtype, work[0][0].device
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    step = float(state_steps[0]) + 1
+    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+    # torch.optim.AdamW's constants, each rounded once to the accumulate dtype (as the CPU
+    # kernel does). In a tensor, not as kernel arguments: Triton passes Python floats as fp32.
+    coefs = torch.tensor([1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, math.sqrt(bc2), eps,
+                          lr / bc1, bc2], dtype=acc)
+    if device.type == "cuda":  # a pageable copy would wait for the GPU queue to drain
+        coefs = coefs.pin_memory().to(device, non_blocking=True)
+    norms = torch.empty(num_groups, device=device, dtype=acc)
+    lam_used = torch.empty(num_groups, device=device, dtype=acc)
+    live = sorted((g, i) for i, g in enumerate(ids) if work[0][i].numel() > 0)
+    if not live:  # every group empty: nothing to update, norm 0 and λ as given everywhere
+        norms.zero_()
+        lam_used.copy_(thresholds)
+    else:
+        bases = [ts[live[0][1]] for ts in work]
+        n = len(live)
+
+        def build() -> list[int]:
+            rows = []
+            for ts, base in zip(work, bases, strict=True):
+                rows += _rel_offsets([ts[i] for _, i in live], base)
+            rows += [work[0][i].numel() for _, i in live]
+            counts, sizes = [0] * num_groups, [0] * num_groups
+            for g, i in live:
+                counts[g] += 1
+                sizes[g] += work[0][i].numel()
+            starts = [0]
+            for cnt in counts:
+                starts.append(starts[-1] + cnt)
+            return rows + sizes + starts
+
+        key = ("adamw", str(device), num_groups,
+               tuple((g, *(ts[i].data_ptr() for ts in work), work[0][i].numel()) for g, i in live))
+        packed = _device_table(key, build, device)
+        thr = thresholds.to(device=device, dtype=acc).contiguous()
+        _adamw_prox_kernel[(num_groups,)](
+            *bases, packed, packed[5 * n + num_groups:], coefs, thr, norms, lam_used, n,
+            LERP_LOW=(1 - beta1) < 0.5, ADAM_METRIC=bool(adam_metric), ACC_DT=_acc_tl(dtype),
+            EMULATE_RNE=_emulate_rne(dtype), BLOCK=NORM_BLOCK, num_warps=GROUP_NUM_WARPS,
+        )
+    with torch.no_grad():
+        for dst, src in zip((params, exp_avgs, exp_avg_sqs), (work[0], work[2], work[3]),
+                            strict=True):
+            for t, w in zip(dst, src, strict=True):
+                if w is not t:
+                    t.copy_(w)
+        for s in state_steps:
+            s += 1
+    return norms, lam_used

@@ -11,6 +11,7 @@ This module imports triton; ``gslora.kernels`` imports it lazily.
 # No ``from __future__ import annotations``: torch.library infers the op schemas from the
 # runtime annotations below; the custom-op bodies keep ``Optional`` because older torch releases
 # (the GPU machines run 2.11) parse only that spelling reliably.
+import math
 from collections.abc import Sequence
 from typing import Optional
 
@@ -92,11 +93,28 @@ def _prox_fake(tensors, group_ids, num_groups, thresholds):
     return tensors[0].new_empty((num_groups,), dtype=_acc(tensors[0].dtype))
 
 
+def _adamw_prox(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                exp_avg_sqs: list[Tensor], state_steps: list[Tensor], group_ids: list[int],
+                num_groups: int, thresholds: Tensor, lr: float, beta1: float, beta2: float,
+                eps: float, weight_decay: float, adam_metric: bool) -> tuple[Tensor, Tensor]:
+    return group.adamw_prox_impl(params, grads, exp_avgs, exp_avg_sqs, state_steps,
+                                 list(group_ids), num_groups, thresholds, lr, beta1, beta2, eps,
+                                 weight_decay, adam_metric)
+
+
+def _adamw_prox_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, group_ids, num_groups,
+                     thresholds, lr, beta1, beta2, eps, weight_decay, adam_metric):
+    out = params[0].new_empty((num_groups,), dtype=_acc(params[0].dtype))
+    return out, torch.empty_like(out)
+
+
 lora_linear_fwd_op = _register("lora_linear_fwd", _fwd, _fwd_fake)
 lora_linear_bwd_op = _register("lora_linear_bwd", _bwd, _bwd_fake)
 group_sq_norms_op = _register("group_sq_norms", _sq_norms, _sq_norms_fake)
 group_scale_op = _register("group_scale", _scale, _scale_fake)
 group_prox_op = _register("group_prox_", _prox, _prox_fake, mutates_args=("tensors",))
+adamw_prox_op = _register("adamw_prox_", _adamw_prox, _adamw_prox_fake,
+                          mutates_args=("params", "exp_avgs", "exp_avg_sqs", "state_steps"))
 
 
 # ------------------------------ validation -------------------------------------------------
@@ -249,3 +267,39 @@ def group_prox_(tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups:
     ids = _check_groups(tensors, group_ids, num_groups)
     _check_group_vector("thresholds", thresholds, num_groups, tensors[0].device)
     return group_prox_op(list(tensors), ids, int(num_groups), thresholds)
+
+
+def adamw_prox_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                exp_avg_sqs: Sequence[Tensor], state_steps: Sequence[Tensor],
+                group_ids: Sequence[int], num_groups: int, thresholds: Tensor, lr: float,
+                beta1: float, beta2: float, eps: float, weight_decay: float, adam_metric: bool
+                ) -> tuple[Tensor, Tensor]:
+    """AdamW on every tensor, then the group prox, in place and in one launch (see
+    gslora.reference.adamw_prox_); returns (norms after the AdamW update, thresholds used)."""
+    ids = _check_groups(params, group_ids, num_groups)
+    first = params[0]
+    for name, ts in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
+        if len(ts) != len(params):
+            raise ValueError(f"{name} has {len(ts)} tensors for {len(params)} params (one per param)")
+        for i, (t, p) in enumerate(zip(ts, params, strict=True)):
+            if t.shape != p.shape or t.dtype != first.dtype or t.device != first.device:
+                raise ValueError(f"{name}[{i}] is {list(t.shape)} {t.dtype} on {t.device}; "
+                                 f"params[{i}] is {list(p.shape)} {first.dtype} on {first.device}")
+    if len(state_steps) != len(params):
+        raise ValueError(f"state_steps has {len(state_steps)} tensors for {len(params)} params")
+    counts = {float(s) for s in state_steps}  # AdamW keeps them on the CPU: no device sync
+    if len(counts) != 1:
+        raise ValueError(f"state_steps must all be equal (one step count for the fused step), "
+                         f"got {sorted(counts)}")
+    if min(counts) < 0:
+        raise ValueError(f"state_steps must be >= 0, got {min(counts)}")
+    _check_group_vector("thresholds", thresholds, num_groups, first.device)
+    for name, value, ok in (("lr", lr, lr >= 0), ("beta1", beta1, 0 <= beta1 < 1),
+                            ("beta2", beta2, 0 <= beta2 < 1), ("eps", eps, eps >= 0),
+                            ("weight_decay", weight_decay, weight_decay >= 0)):
+        if not (ok and math.isfinite(value)):
+            raise ValueError(f"{name} = {value} is out of range")
+    return adamw_prox_op(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+                         list(state_steps), ids, int(num_groups), thresholds, float(lr),
+                         float(beta1), float(beta2), float(eps), float(weight_decay),
+                         bool(adam_metric))
