@@ -11,7 +11,10 @@ Every op is one launch over all groups, driven by a flat table built on the host
   are small (ViT-B block, r = 16: 123 k elements), so one program per group streams them in a few
   microseconds; the launch dominates;
 * ``group_scale`` (the penalty's backward) has no reduction and runs one program per chunk of at
-  most ``SCALE_CHUNK`` elements, writing fresh outputs addressed the same way.
+  most ``SCALE_CHUNK`` elements, writing fresh outputs addressed the same way;
+* ``adamw_prox_`` (the optimizer step fused with the prox) runs one program per group like the
+  prox, over four tables of offsets (θ, grad, m, v): AdamW's update and the sums in one pass,
+  then the shrink.
 
 Non-contiguous tensors are copied to contiguous scratch (and copied back after the prox); the
 contiguous path touches each element exactly once (norms) or twice (prox: read, write).
