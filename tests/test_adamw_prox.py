@@ -177,12 +177,19 @@ def test_opcheck():
                            0.999, 1e-8, 0.01, True))
 
 
-def test_bad_arguments():
-    params, grads, ms, vs, ids, G = _state(torch.float32, "cpu")
-    lam = torch.zeros(G)
-    op = get_backend("cpu").adamw_prox_
+def _bad_call_setup(device):
+    """State for the bad-argument tests, fresh step counts (which a rejected call must not
+    change) and valid hyper-parameters."""
+    params, grads, ms, vs, ids, G = _state(torch.float32, device)
     steps = _steps(len(params), 0.0)
     args = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, adam_metric=False)
+    return params, grads, ms, vs, ids, G, steps, args
+
+
+def test_bad_arguments():
+    params, grads, ms, vs, ids, G, steps, args = _bad_call_setup("cpu")
+    lam = torch.zeros(G)
+    op = get_backend("cpu").adamw_prox_
     with pytest.raises(RuntimeError, match=r"grads\[1\] has shape"):
         op(params, [grads[0], grads[0]] + grads[2:], ms, vs, steps, ids, G, lam, **args)
     with pytest.raises(RuntimeError, match="exp_avg_sqs has 7 tensors"):
@@ -204,15 +211,13 @@ def test_bad_arguments():
 @pytest.mark.skipif(TRITON_DEVICE is None, reason="triton runs neither interpreted nor on a GPU")
 def test_triton_op_checks_and_bad_arguments():
     """The Triton op: torch.library's checks and its Python validation."""
-    params, grads, ms, vs, ids, G = _state(torch.float32, TRITON_DEVICE)
+    params, grads, ms, vs, ids, G, steps, args = _bad_call_setup(TRITON_DEVICE)
     params = [p.contiguous() for p in params]
     lam = torch.full((G,), 0.01, device=TRITON_DEVICE)
     torch.library.opcheck(torch.ops.gslora_triton.adamw_prox_.default,
                           (params, grads, ms, vs, _steps(len(params), 0.0), ids, G, lam, 1e-2, 0.9,
                            0.999, 1e-8, 0.01, True))
     op = get_backend("triton").adamw_prox_
-    steps = _steps(len(params), 0.0)
-    args = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, adam_metric=False)
     with pytest.raises(ValueError, match=r"grads\[1\] is \[7, 3\]"):
         op(params, [grads[0], grads[0]] + grads[2:], ms, vs, steps, ids, G, lam, **args)
     with pytest.raises(ValueError, match="exp_avg_sqs has 7 tensors"):

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .lora import INTERPRET, store_rounded, to_bf16_rne
+from .lora import INTERPRET, rounded, store_rounded
 
 NORM_BLOCK = 1024 if not INTERPRET else 4096
 SCALE_BLOCK = 1024 if not INTERPRET else 4096
@@ -87,14 +87,6 @@ def _group_prox_kernel(base_ptr, offs_ptr, lens_ptr, starts_ptr, thr_ptr, norms_
             ptrs = base_ptr + off + idx
             v = tl.load(ptrs, mask=idx < n, other=0.0)
             store_rounded(ptrs, v.to(ACC_DT) * factor, idx < n, EMULATE_RNE)
-
-
-@triton.jit
-def _rounded(val, ptr, EMULATE_RNE: tl.constexpr):
-    """val as a store through ``ptr`` rounds it (what _adamw_prox_kernel sums must be what it wrote)."""
-    if EMULATE_RNE:
-        return to_bf16_rne(val.to(tl.float32))
-    return val.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -161,10 +153,11 @@ def _adamw_prox_kernel(p_ptr, g_ptr, m_ptr, v_ptr, table_ptr, starts_ptr, coef_p
             vi = v0 * beta2 + w2 * gi * gi
             denom = _div_rn(_sqrt_rn(vi, ACC_DT), bc2_sqrt, ACC_DT) + eps
             pi = p0 * decay + (-step_size) * _div_rn(mi, denom, ACC_DT)
-            ps = _rounded(pi, p_ptr, EMULATE_RNE)
-            vs = _rounded(vi, v_ptr, EMULATE_RNE)
+            # The sums below must be over the values as stored.
+            ps = rounded(pi, p_ptr, EMULATE_RNE)
+            vs = rounded(vi, v_ptr, EMULATE_RNE)
             tl.store(p_ptr + p_off + idx, ps, mask=live)
-            tl.store(m_ptr + m_off + idx, _rounded(mi, m_ptr, EMULATE_RNE), mask=live)
+            tl.store(m_ptr + m_off + idx, rounded(mi, m_ptr, EMULATE_RNE), mask=live)
             tl.store(v_ptr + v_off + idx, vs, mask=live)
             pr = ps.to(ACC_DT)
             # Masked lanes: 0/0 when eps = 0; keep them out of the sums.

@@ -125,12 +125,17 @@ def to_bf16_rne(x):
 
 
 @triton.jit
+def rounded(val, ptrs, EMULATE_RNE: tl.constexpr):
+    """val cast to the pointer's dtype, as a store rounds it (bf16 emulated under the interpreter)."""
+    if EMULATE_RNE:
+        return to_bf16_rne(val.to(tl.float32))
+    return val.to(ptrs.dtype.element_ty)
+
+
+@triton.jit
 def store_rounded(ptrs, val, mask, EMULATE_RNE: tl.constexpr):
     """tl.store with the cast to the pointer's dtype (bf16 rounding emulated under the interpreter)."""
-    if EMULATE_RNE:
-        tl.store(ptrs, to_bf16_rne(val.to(tl.float32)), mask=mask)
-    else:
-        tl.store(ptrs, val.to(ptrs.dtype.element_ty), mask=mask)
+    tl.store(ptrs, rounded(val, ptrs, EMULATE_RNE), mask=mask)
 
 
 @triton.jit
