@@ -47,8 +47,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bwd(
 }
 
 // x [..., K] as the [M, K] matrix the kernels take (a view when x is contiguous), and y's shape.
+// Checks x first (the kernels check the other arguments, a weight that is not 2-D included):
+// ValueError, as from the Python layer.
 std::pair<at::Tensor, std::vector<int64_t>> as_rows(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.dim() >= 1, "gslora::lora_linear: x must have at least one dimension");
+  TORCH_CHECK_VALUE(x.is_floating_point(),
+                    "gslora::lora_linear: x must be a floating-point tensor, got dtype ",
+                    x.scalar_type());
+  const int64_t K = weight.dim() == 2 ? weight.size(1) : -1;  // -1: left to the kernel's check
+  TORCH_CHECK_VALUE(x.dim() >= 1 && (K < 0 || x.size(-1) == K),
+                    "gslora::lora_linear: x must have shape [..., ", K, "] (in_features), got ",
+                    x.sizes());
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = weight.size(0);
   return {x.reshape({-1, x.size(-1)}).contiguous(), std::move(out_shape)};

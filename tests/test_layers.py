@@ -127,6 +127,8 @@ def test_bad_input_shape_names_argument():
         layer(torch.randn(3, 7))
     with pytest.raises(ValueError, match="floating-point"):
         layer(torch.ones(3, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 8\]"):
+        layer(torch.tensor(1.0))
 
 
 def test_zero_size_input():

@@ -166,6 +166,24 @@ def test_functional_3d_noncontiguous_and_gradients(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_functional_noncontiguous_weights(backend, device):
+    # W, A and B as transposed views: the fused op gets them as they are (no Python copies).
+    K, N, r = 12, 20, 4
+    opts = {"dtype": torch.float64, "device": device}
+    Wt, At, Bt = (torch.randn(*shape, **opts).requires_grad_() for shape in ((K, N), (K, r), (r, N)))
+    W, A, B = Wt.t(), At.t(), Bt.t()
+    assert not (W.is_contiguous() or A.is_contiguous() or B.is_contiguous())
+    x = torch.randn(9, K, **opts)
+    y = functional.lora_linear(x, W, None, A, B, 0.5, backend=backend)
+    grads = torch.autograd.grad(y.pow(2).sum(), (Wt, At, Bt))
+    yr = reference.lora_linear(x, W, None, A, B, 0.5)
+    grads_r = torch.autograd.grad(yr.pow(2).sum(), (Wt, At, Bt))
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    for a, e in zip(grads, grads_r, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_gradcheck(backend, device):
     opts = {"dtype": torch.float64, "device": device, "requires_grad": True}
     x, W, b = torch.randn(4, 3, 6, **opts), torch.randn(5, 6, **opts), torch.randn(5, **opts)
