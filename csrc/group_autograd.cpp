@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "checks.h"
@@ -51,31 +52,35 @@ std::vector<at::Tensor> call_group_scale(at::TensorList tensors, at::IntArrayRef
 // under torch.compile), which have no data to loop over.
 bool plain_cpu(const at::Tensor& t) { return t.is_cpu() && !at::isTensorSubclassLike(t); }
 
-// Norms [G] and the penalty (a 0-d tensor) in the accumulate dtype of the tensors.
+// Norms [G] and the penalty (a 0-d tensor) in the accumulate dtype of the tensors. No weights
+// means w_g = 1 (the paper's penalty) without a [G] tensor of ones to build per call.
 std::pair<at::Tensor, at::Tensor> penalty_and_norms(at::TensorList tensors,
                                                     at::IntArrayRef group_ids, int64_t num_groups,
-                                                    const at::Tensor& weights) {
+                                                    const std::optional<at::Tensor>& weights) {
   // group_sq_norms validates the tensors and ids (it runs first so that tensors[0] exists);
   // only the weights are checked here.
   at::Tensor norms = call_group_sq_norms(tensors, group_ids, num_groups);
-  const char* op = "gslora::group_lasso_penalty";
-  check_group_vector(op, "weights", weights, num_groups, norms.device());
-  TORCH_CHECK(weights.scalar_type() == norms.scalar_type(), op,
-              ": weights must have the accumulate dtype ", norms.scalar_type(),
-              " of the tensors, got ", weights.scalar_type());
-  if (!(plain_cpu(norms) && plain_cpu(weights))) {
+  const bool weighted = weights.has_value();
+  if (weighted) {
+    const char* op = "gslora::group_lasso_penalty";
+    check_group_vector(op, "weights", *weights, num_groups, norms.device());
+    TORCH_CHECK(weights->scalar_type() == norms.scalar_type(), op,
+                ": weights must have the accumulate dtype ", norms.scalar_type(),
+                " of the tensors, got ", weights->scalar_type());
+  }
+  if (!(plain_cpu(norms) && (!weighted || plain_cpu(*weights)))) {
     norms.sqrt_();
-    return {norms, at::dot(norms, weights)};
+    return {norms, weighted ? at::dot(norms, *weights) : norms.sum()};
   }
   at::Tensor penalty = at::empty({}, norms.options());
-  const at::Tensor w = weights.contiguous();
+  const at::Tensor w = weighted ? weights->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(norms.scalar_type(), "group_lasso_penalty_cpu", [&] {
     scalar_t* n = norms.data_ptr<scalar_t>();
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* wp = weighted ? w.const_data_ptr<scalar_t>() : nullptr;
     scalar_t sum = 0;
     for (int64_t g = 0; g < num_groups; ++g) {
       n[g] = std::sqrt(n[g]);
-      sum += wp[g] * n[g];
+      sum += (wp != nullptr ? wp[g] : scalar_t(1)) * n[g];
     }
     *penalty.data_ptr<scalar_t>() = sum;
   });
@@ -83,27 +88,30 @@ std::pair<at::Tensor, at::Tensor> penalty_and_norms(at::TensorList tensors,
 }
 
 // c_g = grad * w_g / ||theta_g||, and 0 for zero groups (the minimal-norm sub-gradient).
-at::Tensor penalty_coeffs(const at::Tensor& grad, const at::Tensor& weights,
+at::Tensor penalty_coeffs(const at::Tensor& grad, const std::optional<at::Tensor>& weights,
                           const at::Tensor& norms) {
-  if (!(plain_cpu(grad) && plain_cpu(weights) && plain_cpu(norms))) {
+  const bool weighted = weights.has_value();
+  if (!(plain_cpu(grad) && plain_cpu(norms) && (!weighted || plain_cpu(*weights)))) {
     // where() drops the 0/0 of zero groups.
-    return at::where(norms > 0, grad.to(norms.scalar_type()) * weights / norms, 0);
+    const at::Tensor g = grad.to(norms.scalar_type());
+    return at::where(norms > 0, (weighted ? g * *weights : g) / norms, 0);
   }
   at::Tensor coeffs = at::empty_like(norms);
-  const at::Tensor w = weights.contiguous();
+  const at::Tensor w = weighted ? weights->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(norms.scalar_type(), "group_lasso_penalty_backward_cpu", [&] {
     const auto gr = static_cast<scalar_t>(grad.item<double>());  // grad.to(): the same rounding
     const scalar_t* n = norms.const_data_ptr<scalar_t>();
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* wp = weighted ? w.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* c = coeffs.data_ptr<scalar_t>();
-    for (int64_t g = 0; g < norms.numel(); ++g) c[g] = n[g] > 0 ? gr * wp[g] / n[g] : 0;
+    for (int64_t g = 0; g < norms.numel(); ++g)
+      c[g] = n[g] > 0 ? (wp != nullptr ? gr * wp[g] : gr) / n[g] : 0;
   });
   return coeffs;
 }
 
 // Below autograd (and for the meta / fake tensors of torch.compile): the value only.
 at::Tensor group_lasso_penalty(at::TensorList tensors, at::IntArrayRef group_ids,
-                               int64_t num_groups, const at::Tensor& weights) {
+                               int64_t num_groups, const std::optional<at::Tensor>& weights) {
   return penalty_and_norms(tensors, group_ids, num_groups, weights).second;
 }
 
@@ -111,22 +119,26 @@ class GroupLassoPenalty : public torch::autograd::Function<GroupLassoPenalty> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::TensorList tensors,
                             at::IntArrayRef group_ids, int64_t num_groups,
-                            const at::Tensor& weights) {
+                            const std::optional<at::Tensor>& weights) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [norms, penalty] = penalty_and_norms(tensors, group_ids, num_groups, weights);
     std::vector<at::Tensor> saved(tensors.begin(), tensors.end());
     saved.push_back(norms);
-    saved.push_back(weights);
+    if (weights.has_value()) saved.push_back(*weights);
     ctx->save_for_backward(saved);
     ctx->saved_data["group_ids"] = group_ids.vec();
+    ctx->saved_data["weighted"] = weights.has_value();
     return penalty;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     auto saved = ctx->get_saved_variables();
-    const at::Tensor weights = saved.back();
-    saved.pop_back();
+    std::optional<at::Tensor> weights;
+    if (ctx->saved_data["weighted"].toBool()) {
+      weights = saved.back();
+      saved.pop_back();
+    }
     const at::Tensor norms = saved.back();
     saved.pop_back();
     const std::vector<int64_t> group_ids = ctx->saved_data["group_ids"].toIntVector();
@@ -140,7 +152,8 @@ class GroupLassoPenalty : public torch::autograd::Function<GroupLassoPenalty> {
 };
 
 at::Tensor group_lasso_penalty_autograd(at::TensorList tensors, at::IntArrayRef group_ids,
-                                        int64_t num_groups, const at::Tensor& weights) {
+                                        int64_t num_groups,
+                                        const std::optional<at::Tensor>& weights) {
   return GroupLassoPenalty::apply(tensors, group_ids, num_groups, weights);
 }
 

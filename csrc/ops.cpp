@@ -46,8 +46,9 @@ TORCH_LIBRARY(gslora, m) {
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, int[] group_ids, int num_groups, "
       "Tensor thresholds, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "bool adam_metric) -> (Tensor, Tensor)");
-  // sum_g weights[g] * ||group g||_2 with its own (C++) autograd; see group_autograd.cpp.
+  // sum_g weights[g] * ||group g||_2 (weights None: all 1) with its own (C++) autograd; see
+  // group_autograd.cpp.
   m.def(
-      "group_lasso_penalty(Tensor[] tensors, int[] group_ids, int num_groups, Tensor weights) "
+      "group_lasso_penalty(Tensor[] tensors, int[] group_ids, int num_groups, Tensor? weights) "
       "-> Tensor");
 }

@@ -93,7 +93,7 @@ def _adamw_prox_fake(
 
 @torch.library.register_fake("gslora::group_lasso_penalty")
 def _group_lasso_penalty_fake(
-    tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int, weights: Tensor
+    tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int, weights: Tensor | None
 ) -> Tensor:
     """A 0-d tensor in the accumulate dtype."""
     t0 = tensors[0]

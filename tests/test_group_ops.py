@@ -141,10 +141,11 @@ def test_prox_keeps_zero_groups_and_never_nans(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_penalty_gradcheck(backend, device):
+@pytest.mark.parametrize("weighted", [True, False])
+def test_penalty_gradcheck(backend, device, weighted):
     opts = {"dtype": torch.float64, "device": device, "requires_grad": True}
     ts = [torch.randn(3, 4, **opts), torch.randn(5, **opts), torch.randn(2, 2, **opts)]
-    w = torch.tensor([1.0, 2.5], dtype=torch.float64, device=device)
+    w = torch.tensor([1.0, 2.5], dtype=torch.float64, device=device) if weighted else None
     fn = lambda *t: functional.group_lasso_penalty(list(t), [1, 0, 1], 2, w, backend=backend)
     assert torch.autograd.gradcheck(fn, tuple(ts))
     torch.testing.assert_close(fn(*ts), reference.group_lasso_penalty(ts, [1, 0, 1], 2, w))
@@ -165,22 +166,26 @@ def test_opcheck(backend, device, dtype):
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     weights = torch.linspace(0.5, 2, G, dtype=acc, device=device)
     torch.library.opcheck(torch.ops.gslora.group_lasso_penalty.default, (leaves, ids, G, weights))
+    torch.library.opcheck(torch.ops.gslora.group_lasso_penalty.default, (leaves, ids, G, None))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_penalty_value_and_grads_match_the_reference(backend, device, dtype):
+@pytest.mark.parametrize("weighted", [True, False])
+def test_penalty_value_and_grads_match_the_reference(backend, device, dtype, weighted):
     # Unequal groups, an all-zero group (sub-gradient 0, no NaN), an empty group, a
-    # non-contiguous tensor and weights; the compiled backends run the C++ autograd op.
+    # non-contiguous tensor and weights (or none: w_g = 1); the compiled backends run the C++
+    # autograd op.
     tensors, ids, G = _groups(dtype, device)
     acc = reference.accumulate_dtype(dtype)
     w = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5], dtype=acc, device=device).repeat_interleave(2)[::2]
     assert not w.is_contiguous()
+    w = w if weighted else None
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     pen = functional.group_lasso_penalty(leaves, ids, G, w, backend=backend)
     (3.0 * pen).backward()
     ref_leaves = [t.detach().double().requires_grad_() for t in tensors]
-    ref = reference.group_lasso_penalty(ref_leaves, ids, G, w.double())
+    ref = reference.group_lasso_penalty(ref_leaves, ids, G, w.double() if weighted else None)
     (3.0 * ref).backward()
     assert pen.dtype == acc and pen.dim() == 0
     torch.testing.assert_close(pen.double(), ref.detach(), rtol=_tol(dtype), atol=0)
