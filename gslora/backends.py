@@ -9,8 +9,8 @@ serves it with the reference, which is the same math op by op, and says so with
 ``has_fused_adamw_prox()``).
 A backend may also offer differentiable versions with their own backward,
 ``lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)`` and
-``group_lasso_penalty(tensors, group_ids, num_groups, weights)``; without them,
-:mod:`gslora.functional` builds both from the five ops in Python autograd functions.
+``group_lasso_penalty(tensors, group_ids, num_groups, weights)`` (weights None: all 1); without
+them, :mod:`gslora.functional` builds both from the five ops in Python autograd functions.
 
 Selection: an explicit ``backend=`` argument, else the ``GSLORA_BACKEND`` environment variable,
 else the first backend of the device's preference list that accepts the inputs. An explicit
