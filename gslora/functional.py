@@ -248,7 +248,7 @@ def group_lasso_penalty(
     fused = getattr(impl, "group_lasso_penalty", None)
     if fused is not None:
         return fused(tensors, group_ids, num_groups, weights)
-    return apply_group_lasso_penalty(impl, tensors, group_ids, num_groups, weights)
+    return _unfused_penalty(impl, tensors, group_ids, num_groups, weights)
 
 
 def apply_group_lasso_penalty(
@@ -262,6 +262,11 @@ def apply_group_lasso_penalty(
         # The op takes None for w_g = 1: building a [G] tensor of ones per call cost 0.05-0.2 ms
         # once the interpreter's caches are cold (as they are after a model's forward).
         return fused(tensors, group_ids, num_groups, weights)
+    return _unfused_penalty(impl, tensors, group_ids, num_groups, weights)
+
+
+def _unfused_penalty(impl, tensors, group_ids, num_groups, weights):
+    """GroupLassoPenaltyFunction over the backend's group ops, for backends without a penalty op."""
     if weights is None:
         weights = torch.ones(num_groups, dtype=reference.accumulate_dtype(tensors[0].dtype),
                              device=tensors[0].device)
