@@ -119,9 +119,8 @@ def lora_linear(
     if fused is not None and not (training and dropout > 0.0) and not _any_autocast():
         # The common case in one call: the backend's autograd op checks every argument in C++
         # (ValueError naming x for a wrong x) and takes any strides and leading dimensions. Once
-        # a GEMM has evicted the interpreter's caches every Python step costs microseconds:
-        # timed against a bare op call at M = 256, K = 384, r = 16, the general path below
-        # added ~0.2 ms per layer call, this one ~0.07 ms.
+        # a GEMM has evicted the interpreter's caches every Python step costs microseconds, and
+        # the general path below takes a dozen of them per layer call.
         return fused(x, weight, bias, lora_A, lora_B, float(scaling), None, 1.0)
     autocast = torch.is_autocast_enabled(x.device.type)
     if autocast and x.is_floating_point():
@@ -233,9 +232,7 @@ def group_lasso_penalty(
 ) -> Tensor:
     """Differentiable Σ_g w_g ‖θ_g‖₂ (scalar, accumulate dtype); w_g = 1 by default."""
     # _group_backend and apply_group_lasso_penalty inlined: the penalty runs between a model's
-    # forward and backward, when every Python frame is slow (timed in one process against this
-    # path, fwd+bwd, the two helper frames cost 0.03-0.1 ms per call on the face-ViT and ViT-B
-    # layouts).
+    # forward and backward, when the interpreter's caches are cold and every Python frame is slow.
     if len(tensors) == 0:
         raise ValueError("tensors must not be empty")
     impl = select_backend(tensors[0].device, backend)
@@ -259,8 +256,8 @@ def apply_group_lasso_penalty(
     the accumulate dtype (None: all 1): the backend's own autograd-aware op where it has one."""
     fused = getattr(impl, "group_lasso_penalty", None)
     if fused is not None:
-        # The op takes None for w_g = 1: building a [G] tensor of ones per call cost 0.05-0.2 ms
-        # once the interpreter's caches are cold (as they are after a model's forward).
+        # The op takes None for w_g = 1: no [G] tensor of ones to build per call, a factory call
+        # that is slow once the interpreter's caches are cold (as they are after a forward).
         return fused(tensors, group_ids, num_groups, weights)
     return _unfused_penalty(impl, tensors, group_ids, num_groups, weights)
 
