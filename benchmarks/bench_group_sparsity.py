@@ -11,6 +11,8 @@ Phases and providers:
 
   ``gslora``   the fused ops of :mod:`gslora.functional` (``group_norms``, ``group_prox_``,
                ``group_lasso_penalty``), default backend (``cpu`` when gslora._C is built)
+  ``gslora-grad`` (penalty only) the penalty's value and gradient in one fused op without
+               autograd, ``add_group_lasso_grad_`` (what ``GroupSparsity.add_penalty_grad_`` runs)
   ``loop``     a per-tensor Python loop, as research code writes it (autograd for the penalty)
   ``foreach``  ``torch._foreach_norm`` + one ``index_add_`` per call + ``torch._foreach_mul_``
   ``floor``    one pass over the same number of bytes: a reduction of one flat tensor (norms),
@@ -41,7 +43,7 @@ from .common import gslora_backend_name
 from .harness import BenchRun, Case, base_parser, require_float_dtype, select_providers
 
 BENCH = "group_sparsity"
-PROVIDERS = ("gslora", "gslora-unfused", "loop", "foreach", "floor")
+PROVIDERS = ("gslora", "gslora-unfused", "gslora-grad", "loop", "foreach", "floor")
 PHASES = ("norms", "norms+prox", "penalty", "adamw+prox")
 LR = 1e-3  # AdamW's learning rate in the adamw+prox phase
 LAYOUTS = {"vit_b16": (12, 768, 3072), "face_vit": (6, 512, 2048)}
@@ -147,7 +149,7 @@ def build_cases(names: Sequence[str], tensors0: Sequence[Tensor], ids: Sequence[
         return Case(lambda _: (adamw.step(), foreach_prox_(params, ids_t, G, lam_step)))
 
     for name in names:
-        if name != "floor":
+        if name not in ("floor", "gslora-grad"):
             cases["adamw+prox"][name] = optimizer_step(name)
         if name == "gslora-unfused":
             continue
@@ -162,6 +164,9 @@ def build_cases(names: Sequence[str], tensors0: Sequence[Tensor], ids: Sequence[
             cases["norms+prox"][name] = Case(lambda _, ts=ts: F.group_prox_(ts, ids, G, lam))
             cases["penalty"][name] = Case(
                 lambda _, lv=leaves: F.group_lasso_penalty(lv, ids, G).backward(), setup=clear)
+        elif name == "gslora-grad":
+            cases["penalty"][name] = Case(
+                lambda _, lv=leaves: F.add_group_lasso_grad_(lv, ids, G), setup=clear)
         elif name == "loop":
             cases["norms"][name] = Case(lambda _, ts=ts: loop_norms(ts, members))
             cases["norms+prox"][name] = Case(lambda _, ts=ts: loop_prox_(ts, members, lam))
@@ -203,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     dtype = require_float_dtype(args.dtype)
     run = BenchRun(BENCH, args, dtype=dtype, argv=argv)
     dev = run.device
-    info = {"gslora": {"backend": gslora_backend_name(dev)}}
+    info = {name: {"backend": gslora_backend_name(dev)} for name in ("gslora", "gslora-grad")}
 
     for layout in layouts:
         blocks, K, N = LAYOUTS[layout]

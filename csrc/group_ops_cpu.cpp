@@ -16,6 +16,7 @@
 #include <omp.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -119,12 +120,53 @@ inline void scale_impl(const T* in, T* out, int64_t n, acc_t<T> f) {
   for (; i < n; ++i) out[i] = static_cast<T>(static_cast<A>(in[i]) * f);
 }
 
+// Keeps GCC from fusing a product and the sum it feeds into one FMA (it contracts across
+// statements by default); clang contracts within one expression only, which the code avoids.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define GSLORA_NO_FMA(x) __builtin_assoc_barrier(x)
+#else
+#define GSLORA_NO_FMA(x) (x)
+#endif
+
+// out[i] += in[i] * f with the roundings of group_scale followed by autograd's accumulation:
+// the product rounded to T, then the sum computed in the accumulate type and rounded to T. The
+// result is bit-identical to adding group_scale's output to out. f == 0 adds nothing.
+template <typename T>
+inline void scale_add_impl(const T* in, T* out, int64_t n, acc_t<T> f) {
+  using A = acc_t<T>;
+  if (f == A(0)) return;
+  if constexpr (std::is_same_v<T, A>) {
+    using V = vec_t<A>;
+    constexpr int64_t W = sizeof(V) / sizeof(A);
+    // The tail goes through the vector code on a zero-padded copy: a scalar loop would be
+    // auto-vectorised with FMAs.
+    for (int64_t i = 0; i < n; i += W) {
+      const size_t bytes = std::min<int64_t>(W, n - i) * sizeof(A);
+      V v = {}, o = {};
+      std::memcpy(&v, in + i, bytes);
+      std::memcpy(&o, out + i, bytes);
+      V p = v * f;
+      p = GSLORA_NO_FMA(p);
+      o += p;
+      std::memcpy(out + i, &o, bytes);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const T prod = static_cast<T>(static_cast<A>(in[i]) * f);
+      out[i] = static_cast<T>(static_cast<A>(out[i]) + static_cast<A>(prod));
+    }
+  }
+}
+
 #define GSLORA_DEFINE_GROUP_KERNELS(T, SUFFIX)                                                    \
   GSLORA_CLONES double sum_squares_##SUFFIX(const T* p, int64_t n) {                              \
     return sum_squares_impl<T>(p, n);                                                             \
   }                                                                                               \
   GSLORA_CLONES void scale_##SUFFIX(const T* in, T* out, int64_t n, acc_t<T> f) {                 \
     scale_impl<T>(in, out, n, f);                                                                 \
+  }                                                                                               \
+  GSLORA_CLONES void scale_add_##SUFFIX(const T* in, T* out, int64_t n, acc_t<T> f) {             \
+    scale_add_impl<T>(in, out, n, f);                                                             \
   }
 GSLORA_DEFINE_GROUP_KERNELS(float, f32)
 GSLORA_DEFINE_GROUP_KERNELS(double, f64)
@@ -143,6 +185,18 @@ inline void scale(const c10::BFloat16* in, c10::BFloat16* out, int64_t n, float 
 }
 inline void scale(const c10::Half* in, c10::Half* out, int64_t n, float f) {
   scale_f16(in, out, n, f);
+}
+inline void scale_add(const float* in, float* out, int64_t n, float f) {
+  scale_add_f32(in, out, n, f);
+}
+inline void scale_add(const double* in, double* out, int64_t n, double f) {
+  scale_add_f64(in, out, n, f);
+}
+inline void scale_add(const c10::BFloat16* in, c10::BFloat16* out, int64_t n, float f) {
+  scale_add_bf16(in, out, n, f);
+}
+inline void scale_add(const c10::Half* in, c10::Half* out, int64_t n, float f) {
+  scale_add_f16(in, out, n, f);
 }
 
 // The tensors of each group and the group sizes.
@@ -397,6 +451,115 @@ at::Tensor group_prox_cpu(at::TensorList tensors, at::IntArrayRef group_ids, int
 }
 
 // ---------------------------------------------------------------------------------------------
+// The group-lasso penalty's value and gradient in one pass, straight into .grad: per group, the
+// sum of squares, then grad_i (+)= theta_i * c_g with c_g = alpha * w_g / ||theta_g|| (0 for a
+// zero group) while the group is in cache. The same numbers as (alpha * penalty).backward()
+// without autograd: no graph, no gradient tensors handed to AccumulateGrad, and an existing .grad
+// is updated in place instead of being added to a new tensor.
+
+template <typename T>
+void group_lasso_grad_kernel(const std::vector<at::Tensor>& ts, const std::vector<at::Tensor>& grads,
+                             const std::vector<char>& accumulate, const GroupPlan& plan,
+                             const acc_t<T>* w, acc_t<T> alpha, acc_t<T>* norms) {
+  using A = acc_t<T>;
+  for_each_group_in_cache(
+      plan,
+      [&](int64_t g, int64_t lo, int64_t hi) {
+        return GroupSums{range_sum_squares<T>(ts, plan, g, lo, hi)};
+      },
+      [&](int64_t g, const GroupSums& s, int64_t lo, int64_t hi, bool writes_outputs) {
+        const A norm = gsqrt(static_cast<A>(s.sq));
+        if (writes_outputs) norms[g] = norm;
+        // The autograd backward's c_g (penalty_coeffs with grad = alpha), the same rounding.
+        const A c = norm > A(0) ? (w != nullptr ? alpha * w[g] : alpha) / norm : A(0);
+        for_each_piece(ts, plan.members[g], lo, hi, [&](int64_t i, int64_t off, int64_t n) {
+          const T* src = ts[i].const_data_ptr<T>() + off;
+          T* dst = grads[i].data_ptr<T>() + off;
+          if (accumulate[i]) scale_add(src, dst, n, c);
+          else scale(src, dst, n, c);
+        });
+      });
+}
+
+// Registered for AutogradCPU, not CPU: .grad lives on the autograd-level tensor, so the op must
+// run above autograd (the ATen calls inside go below it). Returns sum_g w_g ||theta_g||.
+at::Tensor add_group_lasso_grad_cpu(at::TensorList tensors, at::IntArrayRef group_ids,
+                                    int64_t num_groups, const std::optional<at::Tensor>& weights,
+                                    double alpha) {
+  const char* op = "gslora::add_group_lasso_grad_";
+  check_group_args(op, tensors, group_ids, num_groups);
+  TORCH_CHECK(std::isfinite(alpha) && alpha >= 0, op, ": alpha must be finite and >= 0, got ",
+              alpha);
+  const auto dtype = tensors[0].scalar_type();
+  const auto acc = accumulate_type(dtype);
+  at::Tensor w;
+  if (weights.has_value()) {
+    check_group_vector(op, "weights", *weights, num_groups, tensors[0].device());
+    TORCH_CHECK(weights->scalar_type() == acc, op, ": weights must have the accumulate dtype ",
+                acc, " of the tensors, got ", weights->scalar_type());
+    w = weights->contiguous();
+  }
+  // Two entries for one tensor would have two threads write one .grad.
+  std::vector<const void*> impls;
+  impls.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) impls.push_back(t.unsafeGetTensorImpl());
+  std::sort(impls.begin(), impls.end());
+  TORCH_CHECK(std::adjacent_find(impls.begin(), impls.end()) == impls.end(), op,
+              ": a tensor appears twice in tensors; list each tensor once");
+
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const auto ts = contiguous_all(tensors);
+  const size_t n = tensors.size();
+  // grads[i]: the existing .grad, updated in place (accumulate), or a new tensor to write.
+  std::vector<at::Tensor> grads(n);
+  std::vector<char> accumulate(n, 0);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& grad = tensors[i].grad();
+    if (grad.defined()) {
+      TORCH_CHECK(grad.layout() == at::kStrided && grad.scalar_type() == dtype &&
+                      grad.device() == tensors[i].device() &&
+                      grad.sizes() == tensors[i].sizes(),
+                  op, ": tensors[", i, "].grad must be a dense tensor like tensors[", i,
+                  "] (shape ", tensors[i].sizes(), ", ", dtype, ", ", tensors[i].device(),
+                  "), got ", grad.sizes(), ", ", grad.scalar_type(), ", ", grad.device());
+      if (grad.is_contiguous()) {
+        grads[i] = grad;
+        accumulate[i] = 1;
+        continue;
+      }
+    }
+    grads[i] = at::empty_like(ts[i], at::MemoryFormat::Contiguous);
+  }
+  at::Tensor norms = at::empty({num_groups}, tensors[0].options().dtype(acc));
+  at::Tensor penalty = at::empty({}, norms.options());
+  const GroupPlan plan = plan_groups(tensors, group_ids, num_groups);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "add_group_lasso_grad_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const A* wp = w.defined() ? w.const_data_ptr<A>() : nullptr;
+    group_lasso_grad_kernel<scalar_t>(ts, grads, accumulate, plan, wp, static_cast<A>(alpha),
+                                      norms.data_ptr<A>());
+    const A* nr = norms.const_data_ptr<A>();
+    A sum = 0;
+    for (int64_t g = 0; g < num_groups; ++g) sum += (wp != nullptr ? wp[g] : A(1)) * nr[g];
+    *penalty.data_ptr<A>() = sum;
+  });
+  for (size_t i = 0; i < n; ++i) {
+    at::Tensor& grad = tensors[i].mutable_grad();
+    if (accumulate[i]) {
+      torch::autograd::impl::bump_version(grad);
+    } else if (grad.defined()) {  // a non-contiguous .grad
+      grad.add_(grads[i]);
+      torch::autograd::impl::bump_version(grad);
+    } else if (tensors[i].is_contiguous()) {
+      grad = grads[i];
+    } else {  // the tensor's own strides, as AccumulateGrad would give it
+      grad = at::empty_like(tensors[i]).copy_(grads[i]);
+    }
+  }
+  return penalty;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Fused AdamW + proximal step: per group, every thread applies torch.optim.AdamW's update to its
 // share of the group's elements (θ, m, v written once) while summing θ² (and v, for the threshold
 // in Adam's metric) of the updated values; after the per-group barrier it scales its share, which
@@ -629,4 +792,8 @@ TORCH_LIBRARY_IMPL(gslora, CPU, m) {
   m.impl("group_sq_norms", &gslora::group_sq_norms_cpu);
   m.impl("group_scale", &gslora::group_scale_cpu);
   m.impl("group_prox_", &gslora::group_prox_cpu);
+}
+
+TORCH_LIBRARY_IMPL(gslora, AutogradCPU, m) {
+  m.impl("add_group_lasso_grad_", &gslora::add_group_lasso_grad_cpu);
 }

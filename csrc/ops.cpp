@@ -51,4 +51,11 @@ TORCH_LIBRARY(gslora, m) {
   m.def(
       "group_lasso_penalty(Tensor[] tensors, int[] group_ids, int num_groups, Tensor? weights) "
       "-> Tensor");
+  // The penalty's value and alpha times its gradient added to every tensor's .grad (created where
+  // missing) in one pass, outside autograd (like an optimizer step); returns the penalty. It
+  // works on .grad, which exists above autograd only: it has an AutogradCPU kernel and nothing
+  // below (group_ops_cpu.cpp).
+  m.def(
+      "add_group_lasso_grad_(Tensor[] tensors, int[] group_ids, int num_groups, Tensor? weights, "
+      "float alpha) -> Tensor");
 }

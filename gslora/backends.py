@@ -11,6 +11,8 @@ A backend may also offer differentiable versions with their own backward,
 ``lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)`` and
 ``group_lasso_penalty(tensors, group_ids, num_groups, weights)`` (weights None: all 1); without
 them, :mod:`gslora.functional` builds both from the five ops in Python autograd functions.
+Likewise ``group_lasso_grad_op()`` may return a fused op that adds the penalty's gradient to
+``.grad`` (``add_group_lasso_grad_``); without it, ``group_sq_norms`` and ``group_scale`` do it.
 
 Selection: an explicit ``backend=`` argument, else the ``GSLORA_BACKEND`` environment variable,
 else the first backend of the device's preference list that accepts the inputs. An explicit
@@ -200,6 +202,7 @@ class ExtensionBackend:
         self.device_type = device_type
         self.dispatch_key = dispatch_key
         self._adamw_kernel: bool | None = None
+        self._grad_op: Any = None  # add_group_lasso_grad_ when this build has it, else False
 
     def unavailable_reason(self) -> str | None:
         error = _ext.load_error()
@@ -251,6 +254,15 @@ class ExtensionBackend:
     def group_lasso_penalty(self, tensors, group_ids, num_groups, weights):
         # Forward and backward with a C++ autograd kernel: no per-tensor Python bookkeeping.
         return torch.ops.gslora.group_lasso_penalty.default(tensors, group_ids, num_groups, weights)
+
+    def group_lasso_grad_op(self) -> Any:
+        """``torch.ops.gslora.add_group_lasso_grad_`` where this build has it for the device, else
+        None. It writes ``.grad``, which exists above autograd only, so its kernel is registered
+        for the Autograd key of the device (AutogradCPU; the CUDA build has none)."""
+        if self._grad_op is None:  # cached: the dispatcher query costs more than a small call
+            has = _has_kernel("gslora::add_group_lasso_grad_", "Autograd" + self.dispatch_key)
+            self._grad_op = torch.ops.gslora.add_group_lasso_grad_.default if has else False
+        return self._grad_op or None
 
     def has_fused_adamw_prox(self) -> bool:
         if self._adamw_kernel is None:  # cached: the query costs as much as a small step

@@ -24,6 +24,7 @@ __all__ = [
     "group_sq_norms",
     "group_norms",
     "group_lasso_penalty",
+    "add_group_lasso_grad_",
     "group_prox_",
     "check_lora_args",
 ]
@@ -239,13 +240,65 @@ def group_lasso_penalty(
     if not impl.validates_inputs:
         _check_group_args(tensors, group_ids, num_groups)
     if weights is not None:
-        if weights.shape != (num_groups,):
-            raise ValueError(f"weights must have shape [{num_groups}], got {tuple(weights.shape)}")
-        weights = weights.to(tensors[0].device, reference.accumulate_dtype(tensors[0].dtype))
+        weights = _penalty_weights(tensors, num_groups, weights)
     fused = getattr(impl, "group_lasso_penalty", None)
     if fused is not None:
         return fused(tensors, group_ids, num_groups, weights)
     return _unfused_penalty(impl, tensors, group_ids, num_groups, weights)
+
+
+def _penalty_weights(tensors: Sequence[Tensor], num_groups: int, weights: Tensor) -> Tensor:
+    """w_g checked for shape and moved to the tensors' device and accumulate dtype."""
+    if weights.shape != (num_groups,):
+        raise ValueError(f"weights must have shape [{num_groups}], got {tuple(weights.shape)}")
+    return weights.to(tensors[0].device, reference.accumulate_dtype(tensors[0].dtype))
+
+
+def add_group_lasso_grad_(
+    tensors: Sequence[Tensor],
+    group_ids: Sequence[int],
+    num_groups: int,
+    alpha: float = 1.0,
+    weights: Tensor | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Add α·∂P/∂θ to every tensor's ``.grad`` and return P = Σ_g w_g ‖θ_g‖₂, without autograd.
+
+    The gradient is that of ``(alpha * group_lasso_penalty(...)).backward()``, α·w_g·θ_i/‖θ_g‖₂
+    (0 for a zero group), added in place to an existing ``.grad`` or stored as a new one where
+    ``.grad`` is None: a gradient transform for the step between ``loss.backward()`` and
+    ``optimizer.step()``, like ``clip_grad_norm_``. On the ``cpu`` backend it is one fused pass
+    per group (the norm, then the gradient while the group is in cache) with no autograd graph
+    and no gradient tensors to accumulate; elsewhere ``group_sq_norms`` then ``group_scale``.
+    Gradient hooks do not see this contribution. List each tensor once. P is detached, a scalar
+    in the accumulate dtype.
+    """
+    impl = _group_backend(tensors, group_ids, num_groups, backend)
+    alpha = float(alpha)
+    if not (alpha >= 0 and alpha != float("inf")):  # also rejects NaN
+        raise ValueError(f"alpha must be finite and >= 0, got {alpha}")
+    if weights is not None:
+        weights = _penalty_weights(tensors, num_groups, weights)
+    op_of = getattr(impl, "group_lasso_grad_op", None)
+    op = op_of() if op_of is not None else None
+    if op is not None:
+        return op(tensors, group_ids, num_groups, weights, alpha)
+    with torch.no_grad():
+        detached = [t.detach() for t in tensors]
+        norms = impl.group_sq_norms(detached, group_ids, num_groups).sqrt()
+        w = torch.ones_like(norms) if weights is None else weights
+        coeffs = torch.where(norms > 0, alpha * w / torch.where(norms > 0, norms, 1), 0)
+        add_to_grads_(tensors, impl.group_scale(detached, group_ids, coeffs))
+        return (w * norms).sum()
+
+
+def add_to_grads_(tensors: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    """t.grad += g for every pair (t.grad = g where it is None); no autograd."""
+    for t, g in zip(tensors, grads, strict=True):
+        if t.grad is None:
+            t.grad = g
+        else:
+            t.grad.add_(g)
 
 
 def apply_group_lasso_penalty(

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .backends import select_backend
-from .functional import apply_group_lasso_penalty
+from .functional import add_group_lasso_grad_, add_to_grads_, apply_group_lasso_penalty
 from .reference import accumulate_dtype
 
 __all__ = [
@@ -371,6 +371,29 @@ class GroupSparsity:
                 self._impl, self.params, self._ids_tuple, self.num_groups, self.weights
             )
         return _MultiBucketPenaltyFunction.apply(self, self.weights, *self.params)
+
+    def add_penalty_grad_(self, alpha: float = 1.0) -> Tensor:
+        """Add α·∂/∂θ Σ_g w_g ‖θ_g‖₂ to every tensor's ``.grad`` (created where None) and return
+        the penalty, detached.
+
+        The gradient of ``(alpha * self.penalty()).backward()`` without autograd: call it between
+        ``loss.backward()`` and ``optimizer.step()`` instead of adding ``alpha * penalty()`` to
+        the loss. With one dtype on the ``cpu`` backend it is one fused pass per group, writing
+        ``.grad`` in place; otherwise one norm pass (and the all-reduce) and one scale per dtype.
+        Under DDP the contribution is added after the gradients' all-reduce, which is right: it
+        is the same on every rank. Gradient hooks do not see it.
+        """
+        self._check_layout()
+        alpha = _check_nonneg_float(alpha, "alpha")
+        if self._fused:
+            return add_group_lasso_grad_(self.params, self._ids_tuple, self.num_groups, alpha,
+                                         self.weights, backend=self._backend_request)
+        with torch.no_grad():
+            norms = self._sq_norms_of(self.params).sqrt()
+            safe = torch.where(norms > 0, norms, 1)
+            coeffs = torch.where(norms > 0, alpha * self.weights / safe, 0)
+            add_to_grads_(self.params, self._scaled(self.params, coeffs))
+            return (norms * self.weights).sum()
 
     def thresholds(self, lr: float | Tensor, alpha: float) -> Tensor:
         """λ_g = lr_g · α · w_g, [num_groups]; ``lr`` is a float or a [num_groups] tensor."""

@@ -196,6 +196,94 @@ def test_penalty_value_and_grads_match_the_reference(backend, device, dtype, wei
     assert all((leaves[i].grad == 0).all() for i in (2, 6))  # the zero group
 
 
+def _leaves_with_grads(tensors, existing, seed=5):
+    """Leaf copies of ``tensors``; with ``existing`` every other one already has a .grad (one of
+    them non-contiguous), the rest have None."""
+    g = torch.Generator().manual_seed(seed)
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    if existing:
+        for i, leaf in enumerate(leaves[::2]):
+            grad = torch.randn(leaf.shape, generator=g, dtype=torch.float64).to(leaf)
+            leaf.grad = grad.t().contiguous().t() if i == 0 and grad.dim() == 2 else grad
+    return leaves
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("layout", ["odd", "blocks"])
+@pytest.mark.parametrize("existing", [False, True], ids=["no-grad", "grad"])
+# A non-contiguous .grad on purpose (the op's slow path); autograd warns about its layout.
+@pytest.mark.filterwarnings("ignore:grad and param do not obey the gradient layout contract")
+def test_add_group_lasso_grad_is_the_penalty_backward(backend, device, dtype, weighted, layout,
+                                                      existing):
+    # What (alpha * penalty).backward() gives with the same backend: the fused op rounds like
+    # group_scale followed by autograd's accumulation. "odd": unequal groups, a zero group, an
+    # empty group, a non-contiguous tensor; the threads split every group as group_sq_norms does,
+    # so the norms and the gradients have the same bits. "blocks": a model's layout, whole groups
+    # per thread: the norms' sums are associated differently, equal to a few ulps.
+    tensors, ids, G = _groups(dtype, device) if layout == "odd" else _blocks(dtype, device)
+    acc = reference.accumulate_dtype(dtype)
+    w = torch.linspace(0.5, 2.0, G, dtype=acc, device=device) if weighted else None
+    auto = _leaves_with_grads(tensors, existing)
+    fused = _leaves_with_grads(tensors, existing)
+    before = [None if t.grad is None else (t.grad.data_ptr(), t.grad.clone()) for t in fused]
+    (0.3 * functional.group_lasso_penalty(auto, ids, G, w, backend=backend)).backward()
+    value = functional.add_group_lasso_grad_(fused, ids, G, 0.3, w, backend=backend)
+    expected = functional.group_lasso_penalty(tensors, ids, G, w, backend=backend)
+    assert value.dtype == acc and value.dim() == 0 and not value.requires_grad
+    torch.testing.assert_close(value, expected, rtol=_tol(dtype), atol=0)
+    for i, (a, f, b) in enumerate(zip(auto, fused, before, strict=True)):
+        assert f.grad.dtype == dtype and f.grad.shape == f.shape, i
+        if layout == "odd":
+            assert torch.equal(f.grad, a.grad), f"tensors[{i}].grad"
+        else:
+            eps = torch.finfo(dtype).eps
+            torch.testing.assert_close(f.grad, a.grad, rtol=4 * eps, atol=4 * eps,
+                                       msg=f"tensors[{i}].grad")
+        if b is not None:  # updated in place, by the penalty's gradient
+            assert f.grad.data_ptr() == b[0], f"tensors[{i}].grad was replaced"
+            assert not torch.equal(f.grad, b[1]) or ids[i] in (1, 3) or (layout == "blocks"
+                                                                      and ids[i] == 2), i
+    assert all(torch.equal(t, f.detach()) for t, f in zip(tensors, fused, strict=True))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_add_group_lasso_grad_bad_inputs(backend, device):
+    a = torch.randn(3, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    for alpha in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="alpha"):
+            functional.add_group_lasso_grad_([a, b], [0, 1], 2, alpha, backend=backend)
+    with pytest.raises(ValueError, match="weights"):
+        functional.add_group_lasso_grad_([a, b], [0, 1], 2, 1.0, torch.ones(3), backend=backend)
+    # Checked in C++ by the compiled backends (RuntimeError), in Python by the reference.
+    with pytest.raises((ValueError, RuntimeError), match="group.id"):
+        functional.add_group_lasso_grad_([a, b], [0, 2], 2, backend=backend)
+    assert a.grad is None and b.grad is None
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+def test_add_group_lasso_grad_op_checks(backend, device):
+    op = torch.ops.gslora.add_group_lasso_grad_
+    if device != "cpu":  # the op exists for the CPU only; the functional API falls back
+        assert get_backend(backend).group_lasso_grad_op() is None
+        return
+    a = torch.randn(3, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="alpha"):
+        op([a, b], [0, 1], 2, None, -1.0)
+    with pytest.raises(RuntimeError, match="twice"):
+        op([a, b, a], [0, 1, 0], 2, None, 1.0)
+    with pytest.raises(RuntimeError, match="weights"):
+        op([a, b], [0, 1], 2, torch.ones(2, dtype=torch.float64), 1.0)
+    a.grad_dtype = None  # allow a .grad of another dtype, which the op cannot write into
+    a.grad = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"tensors\[0\]\.grad"):
+        op([a, b], [0, 1], 2, None, 1.0)
+    assert b.grad is None  # checks come before any write
+
+
 @pytest.mark.parametrize("backend,device", COMPILED)
 def test_penalty_traces_under_torch_compile(backend, device):
     tensors, ids, G = _groups(torch.float32, device)

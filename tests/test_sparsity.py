@@ -156,6 +156,43 @@ def test_penalty_gradcheck(backend, general):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-9, rtol=1e-7)
 
 
+@pytest.mark.parametrize("weights", [None, "sqrt_size"])
+@pytest.mark.parametrize("general", [False, True], ids=["fused", "general"])
+def test_add_penalty_grad_equals_the_penalty_backward(backend, weights, general):
+    # In a training step: the loss's gradient is already in .grad for some tensors (not all).
+    params = _params(torch.float32)
+    gs = GroupSparsity(_groups(params), weights=weights, backend=backend)
+    if general:
+        _force_general_path(gs)
+    data_loss = lambda: sum((p**2).sum() for p in params[:4])
+    (data_loss() + 0.05 * gs.penalty()).backward()
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    data_loss().backward()
+    value = gs.add_penalty_grad_(0.05)
+    torch.testing.assert_close(value, gs.penalty().detach(), rtol=0, atol=0)
+    assert not value.requires_grad
+    for i, (p, e) in enumerate(zip(params, expected, strict=True)):
+        torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=1e-9, msg=f"params[{i}]")
+    with pytest.raises(ValueError, match="alpha"):
+        gs.add_penalty_grad_(-1.0)
+
+
+def test_add_penalty_grad_mixed_dtypes_and_zero_group(backend):
+    params = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5, dtype=torch.float64)),
+              nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))]
+    gs = GroupSparsity([("a", params[:2]), ("b", params[2:])], backend=backend)
+    (2.0 * gs.penalty()).backward()
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    gs.add_penalty_grad_(2.0)
+    for p, e in zip(params, expected, strict=True):
+        assert torch.equal(p.grad, e)
+    assert (params[2].grad == 0).all() and not torch.isnan(params[2].grad).any()
+
+
 def test_penalty_under_no_grad_and_in_a_loss(backend):
     params = _params(torch.float32)
     gs = GroupSparsity(_groups(params), backend=backend)

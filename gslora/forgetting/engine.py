@@ -444,17 +444,20 @@ def train_task(
         l_f = bounded_forget_loss(logits[:nf], yf, bnd)
         loss = l_r + config.beta * l_f
         alpha = schedule.alpha
-        if sparsity is not None and not use_prox and alpha > 0:
-            loss = loss + alpha * sparsity.penalty()
         if proto is not None:
             loss = loss + proto(emb[:nf], yf, emb[nf:], yr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        penalty = None
+        if sparsity is not None and not use_prox and alpha > 0:
+            # The gradient of + α·Σ_g‖θ_g‖ in the loss, added to .grad in one fused pass.
+            penalty = sparsity.add_penalty_grad_(alpha)
         opt.step()
         if not use_prox:
             schedule.step()
         if step % 10 == 0 or step == total - 1:
-            stats = {"loss": loss.item(), "retain_ce": l_r.item(), "forget_term": l_f.item()}
+            total_loss = loss.item() + (0.0 if penalty is None else alpha * penalty.item())
+            stats = {"loss": total_loss, "retain_ce": l_r.item(), "forget_term": l_f.item()}
             bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
         if ckpt_path is not None and config.ckpt_every and (step + 1) % config.ckpt_every == 0 \
                 and step + 1 < total:
