@@ -6,6 +6,7 @@ adapter files (safetensors) and the forgetting engine are imported on first use.
 
 from .backends import BackendError, describe_backends, select_backend
 from .functional import (
+    add_group_lasso_grad_,
     group_lasso_penalty,
     group_norms,
     group_prox_,
@@ -40,6 +41,7 @@ __all__ = [
     "GroupSparsity",
     "ProxOptimizer",
     "SparsityWarmup",
+    "add_group_lasso_grad_",
     "add_gslora",
     "count_trainable",
     "describe_backends",

@@ -104,13 +104,6 @@ _ENVIRON_DATA = getattr(os.environ, "_data", None)
 _BACKEND_ENV_KEY = os.environ.encodekey("GSLORA_BACKEND") if _ENVIRON_DATA is not None else None
 
 
-def _backend_from_env() -> str:
-    if _ENVIRON_DATA is None:
-        return os.environ.get("GSLORA_BACKEND", "")
-    value = _ENVIRON_DATA.get(_BACKEND_ENV_KEY)
-    return "" if value is None else os.environ.decodevalue(value)
-
-
 def select_backend(device: torch.device | str, requested: str | None = None) -> Any:
     """The backend that will run ops on tensors of ``device``.
 
@@ -118,9 +111,16 @@ def select_backend(device: torch.device | str, requested: str | None = None) -> 
     empty means the device's preference list. ``TRITON_INTERPRET`` is read at the first
     selection for a device (like triton itself, it must be set before the process starts work).
     """
-    name = requested if requested is not None else _backend_from_env()
-    # Called on every op: the hit path is a single dict lookup (each Python step costs several
-    # µs once a model's forward has evicted the interpreter's caches).
+    # Called on every op: the hit path is two dict lookups and no further Python call (each
+    # Python call costs several µs once a model's forward has evicted the interpreter's caches),
+    # so the environment lookup is written out here.
+    if requested is not None:
+        name = requested
+    elif _ENVIRON_DATA is not None:
+        value = _ENVIRON_DATA.get(_BACKEND_ENV_KEY)
+        name = "" if value is None else os.environ.decodevalue(value)
+    else:
+        name = os.environ.get("GSLORA_BACKEND", "")
     backend = _SELECTED.get((device, name))
     if backend is None:
         dev = device if isinstance(device, torch.device) else torch.device(device)
@@ -203,6 +203,13 @@ class ExtensionBackend:
         self.dispatch_key = dispatch_key
         self._adamw_kernel: bool | None = None
         self._grad_op: Any = None  # add_group_lasso_grad_ when this build has it, else False
+        if _ext.load_error() is None:
+            # The ops that need no argument conversion are the ops themselves, as instance
+            # attributes: a wrapper method would cost one more Python call per op. (The .default
+            # overloads skip a packet call's overload resolution; the argument parser takes
+            # tuples for lists as they are.) group_lasso_penalty has a C++ autograd kernel.
+            for op in ("group_sq_norms", "group_scale", "group_prox_", "group_lasso_penalty"):
+                setattr(self, op, getattr(torch.ops.gslora, op).default)
 
     def unavailable_reason(self) -> str | None:
         error = _ext.load_error()
@@ -239,21 +246,6 @@ class ExtensionBackend:
             bool(compute_dx),
         )
         return (dx if compute_dx else None), dA, dB
-
-    # The .default overloads skip the overload resolution of a packet call. Sequences that are
-    # not lists (tuples) are accepted by the op's argument parser as they are.
-    def group_sq_norms(self, tensors, group_ids, num_groups):
-        return torch.ops.gslora.group_sq_norms.default(tensors, group_ids, num_groups)
-
-    def group_scale(self, tensors, group_ids, coeffs):
-        return torch.ops.gslora.group_scale.default(tensors, group_ids, coeffs)
-
-    def group_prox_(self, tensors, group_ids, num_groups, thresholds):
-        return torch.ops.gslora.group_prox_.default(tensors, group_ids, num_groups, thresholds)
-
-    def group_lasso_penalty(self, tensors, group_ids, num_groups, weights):
-        # Forward and backward with a C++ autograd kernel: no per-tensor Python bookkeeping.
-        return torch.ops.gslora.group_lasso_penalty.default(tensors, group_ids, num_groups, weights)
 
     def group_lasso_grad_op(self) -> Any:
         """``torch.ops.gslora.add_group_lasso_grad_`` where this build has it for the device, else

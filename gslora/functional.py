@@ -335,14 +335,23 @@ def group_prox_(
     ``thresholds`` is λ_g = lr·α·w_g, a float (all groups) or a [num_groups] tensor. Like an
     optimizer step it runs outside autograd (and bumps the tensors' version counters).
     """
-    impl = _group_backend(tensors, group_ids, num_groups, backend)
-    if not isinstance(thresholds, Tensor):
+    # _group_backend inlined, and the compiled op reached first: like the penalty, the prox runs
+    # after a backward pass has evicted the interpreter's caches, when every frame is slow.
+    if len(tensors) == 0:
+        raise ValueError("tensors must not be empty")
+    impl = select_backend(tensors[0].device, backend)
+    is_tensor = isinstance(thresholds, Tensor)
+    if impl.validates_inputs and is_tensor:  # thresholds checked in C++
+        return impl.group_prox_(tensors, group_ids, num_groups, thresholds)
+    if not impl.validates_inputs:
+        _check_group_args(tensors, group_ids, num_groups)
+    if not is_tensor:
         if thresholds < 0:
             raise ValueError(f"thresholds must be >= 0, got {thresholds}")
         acc = reference.accumulate_dtype(tensors[0].dtype)
         thresholds = torch.full((num_groups,), float(thresholds), dtype=acc,
                                 device=tensors[0].device)
-    if impl.validates_inputs:  # checks shape, dtype and device of thresholds in C++
+    if impl.validates_inputs:
         return impl.group_prox_(tensors, group_ids, num_groups, thresholds)
     if thresholds.shape != (num_groups,):
         raise ValueError(f"thresholds must have shape [{num_groups}], got {tuple(thresholds.shape)}")
