@@ -246,6 +246,11 @@ def test_add_group_lasso_grad_is_the_penalty_backward(backend, device, dtype, we
             assert not torch.equal(f.grad, b[1]) or ids[i] in (1, 3) or (layout == "blocks"
                                                                       and ids[i] == 2), i
     assert all(torch.equal(t, f.detach()) for t, f in zip(tensors, fused, strict=True))
+    if dtype == torch.float64:  # and against the specification's autograd
+        ref = _leaves_with_grads(tensors, existing)
+        (0.3 * reference.group_lasso_penalty(ref, ids, G, w)).backward()
+        for i, (r, f) in enumerate(zip(ref, fused, strict=True)):
+            torch.testing.assert_close(f.grad, r.grad, rtol=1e-12, atol=1e-15, msg=f"tensors[{i}]")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -728,6 +728,12 @@ def _check_sharded(rank: int, world_size: int, process_group) -> None:
     torch.testing.assert_close(pen, ref, rtol=1e-14, atol=0)
     for s, t in zip(shards, ref_full, strict=True):
         torch.testing.assert_close(s.grad, my_slice(t.grad), rtol=1e-13, atol=1e-16)
+    # The same gradient added to .grad without autograd (global norms, local shards).
+    for s in shards:
+        s.grad = None
+    torch.testing.assert_close(gs.add_penalty_grad_(2.0), ref.detach(), rtol=1e-14, atol=0)
+    for s, t in zip(shards, ref_full, strict=True):
+        torch.testing.assert_close(s.grad, 2.0 * my_slice(t.grad), rtol=1e-13, atol=1e-16)
     # Prox through the optimizer (no grads: a pure prox step); α between the two smallest
     # non-zero norm/weight ratios, so one live group is removed besides the all-zero one.
     ratios = sorted((full_norms / w)[:3].tolist())
