@@ -270,8 +270,9 @@ def add_group_lasso_grad_(
     ``optimizer.step()``, like ``clip_grad_norm_``. On the ``cpu`` backend it is one fused pass
     per group (the norm, then the gradient while the group is in cache) with no autograd graph
     and no gradient tensors to accumulate; elsewhere ``group_sq_norms`` then ``group_scale``.
-    Gradient hooks do not see this contribution. List each tensor once. P is detached, a scalar
-    in the accumulate dtype.
+    Gradient hooks do not see this contribution, and it is not loss-scaled (with a GradScaler,
+    call it after ``scaler.unscale_``). List each tensor once. P is detached, a scalar in the
+    accumulate dtype.
     """
     impl = _group_backend(tensors, group_ids, num_groups, backend)
     alpha = float(alpha)

@@ -381,7 +381,9 @@ class GroupSparsity:
         the loss. With one dtype on the ``cpu`` backend it is one fused pass per group, writing
         ``.grad`` in place; otherwise one norm pass (and the all-reduce) and one scale per dtype.
         Under DDP the contribution is added after the gradients' all-reduce, which is right: it
-        is the same on every rank. Gradient hooks do not see it.
+        is the same on every rank. With a ``GradScaler``, call it after
+        ``scaler.unscale_(optimizer)``: the added gradient is not scaled. Gradient hooks do not
+        see it.
         """
         self._check_layout()
         alpha = _check_nonneg_float(alpha, "alpha")
