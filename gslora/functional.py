@@ -254,6 +254,9 @@ def _penalty_weights(tensors: Sequence[Tensor], num_groups: int, weights: Tensor
     return weights.to(tensors[0].device, reference.accumulate_dtype(tensors[0].dtype))
 
 
+# Writes .grad, a side effect a traced graph cannot hold: torch.compile runs it eagerly, between
+# graphs, like an optimizer step.
+@torch.compiler.disable
 def add_group_lasso_grad_(
     tensors: Sequence[Tensor],
     group_ids: Sequence[int],

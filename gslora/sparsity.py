@@ -372,6 +372,7 @@ class GroupSparsity:
             )
         return _MultiBucketPenaltyFunction.apply(self, self.weights, *self.params)
 
+    @torch.compiler.disable  # writes .grad: run eagerly between compiled graphs
     def add_penalty_grad_(self, alpha: float = 1.0) -> Tensor:
         """Add α·∂/∂θ Σ_g w_g ‖θ_g‖₂ to every tensor's ``.grad`` (created where None) and return
         the penalty, detached.
