@@ -1,12 +1,13 @@
 // CPU kernels of the group-sparsity ops: per-group squared norms, per-group scaling, the in-place
-// proximal step (block soft-thresholding) and the AdamW step fused with it, over a whole list of
-// tensors in one call.
+// proximal step (block soft-thresholding), the AdamW step fused with it and the penalty's
+// gradient written into .grad, over a whole list of tensors in one call.
 //
 // For the norms the threads split every group evenly between them (so the work balances whatever
-// the number and sizes of the groups) and sum the squares of their shares. The prox and the fused
-// AdamW step must finish a group (norm, then shrink) while it is in cache: each thread takes
-// whole groups when that balances (a model's equal-sized blocks), else an even share of every
-// group with a barrier per group. Calls too small to pay for waking the thread team run on the
+// the number and sizes of the groups) and sum the squares of their shares. The prox, the fused
+// AdamW step and the penalty's gradient must finish a group (norm, then rewrite) while it is in
+// cache: each thread takes whole groups when that balances (a model's equal-sized blocks), else
+// an even share of every group with a barrier per group. With whole groups, the prox and the
+// gradient rewrite one group while summing the next (for_each_group_pipelined). Calls too small to pay for waking the thread team run on the
 // calling thread. Partial sums are added in thread order, so results do not depend on timing.
 // Squares are summed in float (double for double) in four 32-byte vector accumulators per
 // 4096-element chunk, and the chunk sums are added in double, which keeps fp32 sums of millions
