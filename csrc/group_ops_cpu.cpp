@@ -7,8 +7,8 @@
 // AdamW step and the penalty's gradient must finish a group (norm, then rewrite) while it is in
 // cache: each thread takes whole groups when that balances (a model's equal-sized blocks), else
 // an even share of every group with a barrier per group. With whole groups, the prox and the
-// gradient rewrite one group while summing the next (for_each_group_pipelined). Calls too small to pay for waking the thread team run on the
-// calling thread. Partial sums are added in thread order, so results do not depend on timing.
+// gradient rewrite one group while summing the next (for_each_group_rewrite). Calls too small
+// to pay for waking the thread team run on the calling thread. Partial sums are added in thread order, so results do not depend on timing.
 // Squares are summed in float (double for double) in four 32-byte vector accumulators per
 // 4096-element chunk, and the chunk sums are added in double, which keeps fp32 sums of millions
 // of elements accurate.
@@ -440,25 +440,41 @@ class GroupCursor {
   int64_t off_ = 0;
 };
 
-// For kernels that read a group (sum of squares) and then rewrite it with a per-group factor,
-// where each thread takes whole groups (whole_group_split): the second pass over group g runs
-// interleaved, piece by piece, with the first pass over group g + 1, so that two memory streams
-// are in flight instead of one (the passes are bound by memory latency here, not bandwidth).
-// factor(g, sum of squares) -> the group's factor (and records its norm); apply(i, off, n, f)
-// rewrites that piece of tensor i. The sums are the same doubles as range_sum_squares'. Returns
-// false, doing nothing, when the groups do not split into whole groups per thread.
+// The driver of kernels that read a group (sum of squares), record its norm and then rewrite the
+// group with a per-group factor: factor(g, norm) -> the group's factor; apply(i, off, n, f)
+// rewrites that piece of tensor i. Where each thread takes whole groups (whole_group_split), the
+// second pass over group g runs interleaved, piece by piece, with the first pass over group
+// g + 1, so that two memory streams are in flight instead of one (the passes are bound by memory
+// latency here, not bandwidth); the pieces start at multiples of kChunk from their tensor's
+// start, so the sums are the same doubles as range_sum_squares'. Otherwise (unequal groups over
+// several threads) for_each_group_in_cache's even share of every group.
 template <typename T, typename Factor, typename Apply>
-bool for_each_group_pipelined(const std::vector<at::Tensor>& ts, const GroupPlan& plan,
-                              Factor&& factor, Apply&& apply) {
+void for_each_group_rewrite(const std::vector<at::Tensor>& ts, const GroupPlan& plan,
+                            acc_t<T>* norms, Factor&& factor, Apply&& apply) {
   using A = acc_t<T>;
   const int64_t G = static_cast<int64_t>(plan.size.size());
   const int nthreads = plan.parallel ? at::get_num_threads() : 1;
   const std::vector<int64_t> first = whole_group_split(plan, nthreads);
-  if (nthreads > 1 && first.empty()) return false;
+  if (nthreads > 1 && first.empty()) {
+    for_each_group_in_cache(
+        plan,
+        [&](int64_t g, int64_t lo, int64_t hi) {
+          return GroupSums{range_sum_squares<T>(ts, plan, g, lo, hi)};
+        },
+        [&](int64_t g, const GroupSums& s, int64_t lo, int64_t hi, bool writes_outputs) {
+          const A norm = gsqrt(static_cast<A>(s.sq));
+          if (writes_outputs) norms[g] = norm;
+          const A f = factor(g, norm);
+          for_each_piece(ts, plan.members[g], lo, hi,
+                         [&](int64_t i, int64_t off, int64_t n) { apply(i, off, n, f); });
+        });
+    return;
+  }
   auto run = [&](int64_t g0, int64_t g1) {
     double sq = g0 < g1 ? range_sum_squares<T>(ts, plan, g0, 0, plan.size[g0]) : 0.0;
     for (int64_t g = g0; g < g1; ++g) {
-      const A f = factor(g, sq);
+      norms[g] = gsqrt(static_cast<A>(sq));
+      const A f = factor(g, norms[g]);
       GroupCursor cur(ts, plan.members[g]), nxt;
       if (g + 1 < g1) nxt = GroupCursor(ts, plan.members[g + 1]);
       double next_sq = 0.0, piece = 0.0;
@@ -486,7 +502,6 @@ bool for_each_group_pipelined(const std::vector<at::Tensor>& ts, const GroupPlan
       run(0, G);
     }
   }
-  return true;
 }
 
 // Per group: the sum of squares, then the shrink while the group (or this thread's share of it)
@@ -496,27 +511,12 @@ template <typename T>
 void group_prox_kernel(const std::vector<at::Tensor>& ts, const GroupPlan& plan,
                        const acc_t<T>* lam, acc_t<T>* norms) {
   using A = acc_t<T>;
-  const bool done = for_each_group_pipelined<T>(
-      ts, plan,
-      [&](int64_t g, double sq) {
-        norms[g] = gsqrt(static_cast<A>(sq));
-        return prox_factor<A>(norms[g], lam[g]);
-      },
+  for_each_group_rewrite<T>(
+      ts, plan, norms, [&](int64_t g, A norm) { return prox_factor<A>(norm, lam[g]); },
       [&](int64_t i, int64_t off, int64_t n, A f) {
         if (f == A(1)) return;  // lam == 0: no write
         T* p = ts[i].data_ptr<T>() + off;
         scale(p, p, n, f);
-      });
-  if (done) return;
-  for_each_group_in_cache(
-      plan,
-      [&](int64_t g, int64_t lo, int64_t hi) {
-        return GroupSums{range_sum_squares<T>(ts, plan, g, lo, hi)};
-      },
-      [&](int64_t g, const GroupSums& s, int64_t lo, int64_t hi, bool writes_outputs) {
-        const A norm = gsqrt(static_cast<A>(s.sq));
-        if (writes_outputs) norms[g] = norm;
-        scale_range<T>(ts, plan, g, lo, hi, prox_factor<A>(norm, lam[g]));
       });
 }
 
@@ -560,35 +560,17 @@ void group_lasso_grad_kernel(const std::vector<at::Tensor>& ts, const std::vecto
                              const std::vector<char>& accumulate, const GroupPlan& plan,
                              const acc_t<T>* w, acc_t<T> alpha, acc_t<T>* norms) {
   using A = acc_t<T>;
-  // The autograd backward's c_g (penalty_coeffs with grad = alpha), the same rounding.
-  auto coeff = [&](int64_t g, A norm) {
-    return norm > A(0) ? (w != nullptr ? alpha * w[g] : alpha) / norm : A(0);
-  };
-  auto write = [&](int64_t i, int64_t off, int64_t n, A c) {
-    const T* src = ts[i].const_data_ptr<T>() + off;
-    T* dst = grads[i].data_ptr<T>() + off;
-    if (accumulate[i]) scale_add(src, dst, n, c);
-    else scale(src, dst, n, c);
-  };
-  const bool done = for_each_group_pipelined<T>(
-      ts, plan,
-      [&](int64_t g, double sq) {
-        norms[g] = gsqrt(static_cast<A>(sq));
-        return coeff(g, norms[g]);
+  for_each_group_rewrite<T>(
+      ts, plan, norms,
+      // The autograd backward's c_g (penalty_coeffs with grad = alpha), the same rounding.
+      [&](int64_t g, A norm) {
+        return norm > A(0) ? (w != nullptr ? alpha * w[g] : alpha) / norm : A(0);
       },
-      write);
-  if (done) return;
-  for_each_group_in_cache(
-      plan,
-      [&](int64_t g, int64_t lo, int64_t hi) {
-        return GroupSums{range_sum_squares<T>(ts, plan, g, lo, hi)};
-      },
-      [&](int64_t g, const GroupSums& s, int64_t lo, int64_t hi, bool writes_outputs) {
-        const A norm = gsqrt(static_cast<A>(s.sq));
-        if (writes_outputs) norms[g] = norm;
-        const A c = coeff(g, norm);
-        for_each_piece(ts, plan.members[g], lo, hi,
-                       [&](int64_t i, int64_t off, int64_t n) { write(i, off, n, c); });
+      [&](int64_t i, int64_t off, int64_t n, A c) {
+        const T* src = ts[i].const_data_ptr<T>() + off;
+        T* dst = grads[i].data_ptr<T>() + off;
+        if (accumulate[i]) scale_add(src, dst, n, c);
+        else scale(src, dst, n, c);
       });
 }
 
