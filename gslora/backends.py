@@ -11,8 +11,9 @@ A backend may also offer differentiable versions with their own backward,
 ``lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)`` and
 ``group_lasso_penalty(tensors, group_ids, num_groups, weights)`` (weights None: all 1); without
 them, :mod:`gslora.functional` builds both from the five ops in Python autograd functions.
-Likewise ``group_lasso_grad_op()`` may return a fused op that adds the penalty's gradient to
-``.grad`` (``add_group_lasso_grad_``); without it, ``group_sq_norms`` and ``group_scale`` do it.
+Likewise ``add_group_lasso_grad_(tensors, group_ids, num_groups, weights, alpha)``, a fused op
+that adds the penalty's gradient to ``.grad``; without it, ``group_sq_norms`` and ``group_scale``
+do it.
 
 Selection: an explicit ``backend=`` argument, else the ``GSLORA_BACKEND`` environment variable,
 else the first backend of the device's preference list that accepts the inputs. An explicit
@@ -202,7 +203,6 @@ class ExtensionBackend:
         self.device_type = device_type
         self.dispatch_key = dispatch_key
         self._adamw_kernel: bool | None = None
-        self._grad_op: Any = None  # add_group_lasso_grad_ when this build has it, else False
         if _ext.load_error() is None:
             # The ops that need no argument conversion are the ops themselves, as instance
             # attributes: a wrapper method would cost one more Python call per op. (The .default
@@ -210,6 +210,10 @@ class ExtensionBackend:
             # tuples for lists as they are.) group_lasso_penalty has a C++ autograd kernel.
             for op in ("group_sq_norms", "group_scale", "group_prox_", "group_lasso_penalty"):
                 setattr(self, op, getattr(torch.ops.gslora, op).default)
+            # It writes .grad, which exists above autograd only, so its kernel is registered for
+            # the device's Autograd key (AutogradCPU; the CUDA build has none): present only then.
+            if _has_kernel("gslora::add_group_lasso_grad_", "Autograd" + dispatch_key):
+                self.add_group_lasso_grad_ = torch.ops.gslora.add_group_lasso_grad_.default
 
     def unavailable_reason(self) -> str | None:
         error = _ext.load_error()
@@ -246,15 +250,6 @@ class ExtensionBackend:
             bool(compute_dx),
         )
         return (dx if compute_dx else None), dA, dB
-
-    def group_lasso_grad_op(self) -> Any:
-        """``torch.ops.gslora.add_group_lasso_grad_`` where this build has it for the device, else
-        None. It writes ``.grad``, which exists above autograd only, so its kernel is registered
-        for the Autograd key of the device (AutogradCPU; the CUDA build has none)."""
-        if self._grad_op is None:  # cached: the dispatcher query costs more than a small call
-            has = _has_kernel("gslora::add_group_lasso_grad_", "Autograd" + self.dispatch_key)
-            self._grad_op = torch.ops.gslora.add_group_lasso_grad_.default if has else False
-        return self._grad_op or None
 
     def has_fused_adamw_prox(self) -> bool:
         if self._adamw_kernel is None:  # cached: the query costs as much as a small step

@@ -218,8 +218,7 @@ class GroupLassoPenaltyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         norms, weights, *tensors = ctx.saved_tensors
-        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-        coeffs = torch.where(norms > 0, grad.to(norms.dtype) * weights.to(norms.dtype) / safe, 0)
+        coeffs = penalty_coeffs(grad.to(norms.dtype) * weights.to(norms.dtype), norms)
         grads = ctx.backend.group_scale(tensors, ctx.group_ids, coeffs)
         return (None, None, None, None, *grads)
 
@@ -283,17 +282,22 @@ def add_group_lasso_grad_(
         raise ValueError(f"alpha must be finite and >= 0, got {alpha}")
     if weights is not None:
         weights = _penalty_weights(tensors, num_groups, weights)
-    op_of = getattr(impl, "group_lasso_grad_op", None)
-    op = op_of() if op_of is not None else None
-    if op is not None:
-        return op(tensors, group_ids, num_groups, weights, alpha)
+    fused = getattr(impl, "add_group_lasso_grad_", None)
+    if fused is not None:
+        return fused(tensors, group_ids, num_groups, weights, alpha)
     with torch.no_grad():
         detached = [t.detach() for t in tensors]
         norms = impl.group_sq_norms(detached, group_ids, num_groups).sqrt()
         w = torch.ones_like(norms) if weights is None else weights
-        coeffs = torch.where(norms > 0, alpha * w / torch.where(norms > 0, norms, 1), 0)
+        coeffs = penalty_coeffs(alpha * w, norms)
         add_to_grads_(tensors, impl.group_scale(detached, group_ids, coeffs))
         return (w * norms).sum()
+
+
+def penalty_coeffs(numerators: Tensor, norms: Tensor) -> Tensor:
+    """c_g = numerators_g / ‖θ_g‖ (the penalty's backward: grad · w_g / ‖θ_g‖), and 0 for zero
+    groups, the minimal-norm sub-gradient (no 0/0)."""
+    return torch.where(norms > 0, numerators / torch.where(norms > 0, norms, 1), 0)
 
 
 def add_to_grads_(tensors: Sequence[Tensor], grads: Sequence[Tensor]) -> None:

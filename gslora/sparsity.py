@@ -50,7 +50,12 @@ from torch import Tensor, nn
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .backends import select_backend
-from .functional import add_group_lasso_grad_, add_to_grads_, apply_group_lasso_penalty
+from .functional import (
+    add_group_lasso_grad_,
+    add_to_grads_,
+    apply_group_lasso_penalty,
+    penalty_coeffs,
+)
 from .reference import accumulate_dtype
 
 __all__ = [
@@ -120,8 +125,7 @@ class _MultiBucketPenaltyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         norms, weights, *tensors = ctx.saved_tensors
-        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-        coeffs = torch.where(norms > 0, grad.to(norms.dtype) * weights / safe, 0)
+        coeffs = penalty_coeffs(grad.to(norms.dtype) * weights, norms)
         grads = ctx.sparsity._scaled(tensors, coeffs)
         return (None, None, *grads)
 
@@ -393,8 +397,7 @@ class GroupSparsity:
                                          self.weights, backend=self._backend_request)
         with torch.no_grad():
             norms = self._sq_norms_of(self.params).sqrt()
-            safe = torch.where(norms > 0, norms, 1)
-            coeffs = torch.where(norms > 0, alpha * self.weights / safe, 0)
+            coeffs = penalty_coeffs(alpha * self.weights, norms)
             add_to_grads_(self.params, self._scaled(self.params, coeffs))
             return (norms * self.weights).sum()
 
