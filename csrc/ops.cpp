@@ -1,21 +1,10 @@
-// Schemas of the torch.ops.gslora ops and the Python module stub of gslora._C.
+// Schemas of the torch.ops.gslora ops.
 //
 // The CPU kernels register in lora_linear_cpu.cpp and group_ops_cpu.cpp, the CUDA kernels in
 // cuda/gslora_cuda.cu, the device-agnostic autograd ops in lora_linear_autograd.cpp and
-// group_autograd.cpp, and the fake (meta) kernels for torch.compile in gslora/_fake.py.
-#include <Python.h>
+// group_autograd.cpp, the fake (meta) kernels for torch.compile in gslora/_fake.py, and the Python
+// module with direct entry points to the group ops in python_module.cpp.
 #include <torch/library.h>
-
-// `import gslora._C` only has to load this library (which runs the registrations below); the ops
-// are reached through torch.ops.gslora, so the module itself is empty and needs no pybind11.
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "gslora's compiled ops (torch.ops.gslora.*)", -1, nullptr,
-      nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(gslora, m) {
   // y = x W^T + b + s (d(x) A^T) B^T and xa = d(x) A^T, d(x) = x * mask * keep_scale.

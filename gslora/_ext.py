@@ -1,4 +1,5 @@
-"""Loading of the compiled extension ``gslora._C`` (the ``torch.ops.gslora`` ops).
+"""Loading of the compiled extension ``gslora._C`` (the ``torch.ops.gslora`` ops and direct
+entry points to the group ops).
 
 The pure-Python parts of gslora work without it (the ``torch`` backend); the fused CPU and CUDA
 backends need it. ``load_error()`` says why it is missing and how to rebuild it.
@@ -19,7 +20,8 @@ def _try_load() -> str | None:
         from . import _C  # noqa: F401
     except ImportError as exc:
         return f"the compiled extension gslora._C is not available ({exc}); rebuild it with: {REBUILD}"
-    from . import _fake  # noqa: F401  (fake kernels for torch.compile)
+    # The fake kernels for torch.compile, and what it traces for the direct entry points.
+    from . import _fake, _polyfills  # noqa: F401
 
     return None
 

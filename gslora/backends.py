@@ -204,16 +204,19 @@ class ExtensionBackend:
         self.dispatch_key = dispatch_key
         self._adamw_kernel: bool | None = None
         if _ext.load_error() is None:
-            # The ops that need no argument conversion are the ops themselves, as instance
-            # attributes: a wrapper method would cost one more Python call per op. (The .default
-            # overloads skip a packet call's overload resolution; the argument parser takes
-            # tuples for lists as they are.) group_lasso_penalty has a C++ autograd kernel.
+            from . import _C
+
+            # The group ops are gslora._C's direct entry points, as instance attributes: they
+            # skip torch.ops' argument conversion (~8 µs a call, as much as a ViT's whole prox)
+            # and a wrapper method's Python call; torch.compile traces torch.ops.gslora in their
+            # place (_polyfills.py). group_lasso_penalty has a C++ autograd kernel.
             for op in ("group_sq_norms", "group_scale", "group_prox_", "group_lasso_penalty"):
-                setattr(self, op, getattr(torch.ops.gslora, op).default)
+                setattr(self, op, getattr(_C, op))
+            self._fused_adamw_prox_ = _C.adamw_prox_  # behind adamw_prox_'s kernel check
             # It writes .grad, which exists above autograd only, so its kernel is registered for
             # the device's Autograd key (AutogradCPU; the CUDA build has none): present only then.
             if _has_kernel("gslora::add_group_lasso_grad_", "Autograd" + dispatch_key):
-                self.add_group_lasso_grad_ = torch.ops.gslora.add_group_lasso_grad_.default
+                self.add_group_lasso_grad_ = _C.add_group_lasso_grad_
 
     def unavailable_reason(self) -> str | None:
         error = _ext.load_error()
@@ -264,7 +267,7 @@ class ExtensionBackend:
             return reference.adamw_prox_(params, grads, exp_avgs, exp_avg_sqs, state_steps,
                                          group_ids, num_groups, thresholds, lr, beta1, beta2, eps,
                                          weight_decay, adam_metric)
-        return torch.ops.gslora.adamw_prox_.default(
+        return self._fused_adamw_prox_(
             params, grads, exp_avgs, exp_avg_sqs, state_steps, group_ids, num_groups, thresholds,
             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             bool(adam_metric))
