@@ -6,9 +6,10 @@
 // the number and sizes of the groups) and sum the squares of their shares. The prox, the fused
 // AdamW step and the penalty's gradient must finish a group (norm, then rewrite) while it is in
 // cache: each thread takes whole groups when that balances (a model's equal-sized blocks), else
-// an even share of every group with a barrier per group. With whole groups, the prox and the
-// gradient rewrite one group while summing the next (for_each_group_rewrite). Calls too small
-// to pay for waking the thread team run on the calling thread. Partial sums are added in thread order, so results do not depend on timing.
+// an even share of every group with a barrier per group. The prox and the gradient rewrite one
+// group while summing the next, and take shares also where a group is too large for L2
+// (for_each_group_rewrite). Calls too small to pay for waking the thread team run on the calling
+// thread. Partial sums are added in thread order, so results do not depend on timing.
 // Squares are summed in float (double for double) in four 32-byte vector accumulators per
 // 4096-element chunk, and the chunk sums are added in double, which keeps fp32 sums of millions
 // of elements accurate.
@@ -28,6 +29,8 @@
 #include <numeric>
 #include <type_traits>
 #include <vector>
+
+#include <unistd.h>
 
 #include "checks.h"
 #include "gslora_math.h"
@@ -404,109 +407,164 @@ void for_each_group_in_cache(const GroupPlan& plan, Sum&& sum, Finish&& finish) 
   }
 }
 
-// Walks the tensors of one group in pieces of at most kChunk elements, each starting at a multiple
-// of kChunk from its tensor's start, so that per-piece sum_squares add up, tensor by tensor, to
-// the same doubles as range_sum_squares over the whole group.
+// Walks elements [lo, hi) of one group (the concatenation of its tensors) in pieces of at most
+// kChunk elements, each tensor's part cut from its first element in that range, so that per-piece
+// sum_squares add up, tensor by tensor, to the same doubles as range_sum_squares(lo, hi).
 class GroupCursor {
  public:
   GroupCursor() = default;
-  GroupCursor(const std::vector<at::Tensor>& ts, const std::vector<int64_t>& members)
-      : ts_(&ts), members_(&members) {
-    skip_empty();
+  GroupCursor(const std::vector<at::Tensor>& ts, const std::vector<int64_t>& members, int64_t lo,
+              int64_t hi)
+      : ts_(&ts), members_(&members), lo_(lo), hi_(hi) {
+    enter();
   }
   bool more() const { return members_ != nullptr && j_ < members_->size(); }
-  // The next piece: fn(tensor index, offset, count, whether it ends its tensor).
+  // The next piece: fn(tensor index, offset, count, whether it ends this tensor's part).
   template <typename Fn>
   void next(Fn&& fn) {
-    const int64_t i = (*members_)[j_], n = (*ts_)[i].numel();
-    const int64_t off = off_, cnt = std::min(kChunk, n - off_);
+    const int64_t i = (*members_)[j_];
+    const int64_t off = off_, cnt = std::min(kChunk, end_ - off_);
     off_ += cnt;
-    const bool last = off_ == n;
+    const bool last = off_ == end_;
     if (last) {
+      base_ += (*ts_)[i].numel();
       ++j_;
-      off_ = 0;
-      skip_empty();
+      enter();
     }
     fn(i, off, cnt, last);
   }
 
  private:
-  void skip_empty() {
-    while (j_ < members_->size() && (*ts_)[(*members_)[j_]].numel() == 0) ++j_;
+  // Moves to the first tensor from j_ on with elements in [lo, hi) and sets its part.
+  void enter() {
+    for (; j_ < members_->size(); ++j_) {
+      const int64_t n = (*ts_)[(*members_)[j_]].numel();
+      const int64_t a = std::max(lo_, base_), b = std::min(hi_, base_ + n);
+      if (a < b) {
+        off_ = a - base_;
+        end_ = b - base_;
+        return;
+      }
+      if (base_ + n >= hi_) {  // past the range
+        j_ = members_->size();
+        return;
+      }
+      base_ += n;
+    }
   }
   const std::vector<at::Tensor>* ts_ = nullptr;
   const std::vector<int64_t>* members_ = nullptr;
+  int64_t lo_ = 0, hi_ = 0;
   size_t j_ = 0;
-  int64_t off_ = 0;
+  int64_t base_ = 0;  // the group offset of tensor members_[j_]
+  int64_t off_ = 0, end_ = 0;  // the current tensor's part: [off_, end_) of its elements
 };
+
+// Rewrites elements [lo, hi) of a group with apply while summing the squares of elements
+// [nlo, nhi) of the next one (nxt_members null: none), piece by piece, so that two memory streams
+// are in flight; returns the sum of squares.
+template <typename T, typename Apply>
+double rewrite_and_sum_next(const std::vector<at::Tensor>& ts,
+                            const std::vector<int64_t>& members, int64_t lo, int64_t hi,
+                            const std::vector<int64_t>* nxt_members, int64_t nlo, int64_t nhi,
+                            Apply&& apply) {
+  GroupCursor cur(ts, members, lo, hi), nxt;
+  if (nxt_members != nullptr) nxt = GroupCursor(ts, *nxt_members, nlo, nhi);
+  double next_sq = 0.0, piece = 0.0;
+  while (cur.more() || nxt.more()) {
+    if (nxt.more()) {
+      nxt.next([&](int64_t i, int64_t off, int64_t n, bool last) {
+        piece += sum_squares(ts[i].const_data_ptr<T>() + off, n);
+        if (last) {
+          next_sq += piece;
+          piece = 0.0;
+        }
+      });
+    }
+    if (cur.more()) cur.next([&](int64_t i, int64_t off, int64_t n, bool) { apply(i, off, n); });
+  }
+  return next_sq;
+}
+
+// Whether the largest group takes at most 3/4 of a core's L2 cache (512 KB where the system does
+// not say). A thread that takes whole groups holds one group from its sum to its rewrite while the
+// next group streams in; a larger group falls out of L2 before its rewrite, and then threads that
+// each take a share of every group (a barrier per group) are faster: timed interleaved on this
+// 512 KB-L2 machine, shares won on ViT-B r = 16 (480 KB groups), tied on the face ViT r = 16
+// (320 KB) and lost on the r = 8 layouts (160 and 240 KB).
+bool groups_fit_in_l2(const GroupPlan& plan, size_t elem_size) {
+  static const int64_t l2 = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? int64_t(v) : int64_t(512) << 10;
+  }();
+  const int64_t largest = *std::max_element(plan.size.begin(), plan.size.end());
+  return 4 * largest * static_cast<int64_t>(elem_size) <= 3 * l2;
+}
 
 // The driver of kernels that read a group (sum of squares), record its norm and then rewrite the
 // group with a per-group factor: factor(g, norm) -> the group's factor; apply(i, off, n, f)
-// rewrites that piece of tensor i. Where each thread takes whole groups (whole_group_split), the
-// second pass over group g runs interleaved, piece by piece, with the first pass over group
-// g + 1, so that two memory streams are in flight instead of one (the passes are bound by memory
-// latency here, not bandwidth); the pieces start at multiples of kChunk from their tensor's
-// start, so the sums are the same doubles as range_sum_squares'. Otherwise (unequal groups over
-// several threads) for_each_group_in_cache's even share of every group.
+// rewrites that piece of tensor i. The rewrite of group g runs interleaved, piece by piece, with
+// the sum over group g + 1, so that two memory streams are in flight instead of one (the passes
+// are bound by memory latency here, not bandwidth). Each thread takes whole groups where that
+// balances (whole_group_split) and the groups fit in L2; otherwise every thread takes a share of
+// every group, with a barrier per group. The pieces are cut like range_sum_squares' calls, so
+// the sums are the same doubles.
 template <typename T, typename Factor, typename Apply>
 void for_each_group_rewrite(const std::vector<at::Tensor>& ts, const GroupPlan& plan,
                             acc_t<T>* norms, Factor&& factor, Apply&& apply) {
   using A = acc_t<T>;
   const int64_t G = static_cast<int64_t>(plan.size.size());
   const int nthreads = plan.parallel ? at::get_num_threads() : 1;
-  const std::vector<int64_t> first = whole_group_split(plan, nthreads);
-  if (nthreads > 1 && first.empty()) {
-    for_each_group_in_cache(
-        plan,
-        [&](int64_t g, int64_t lo, int64_t hi) {
-          return GroupSums{range_sum_squares<T>(ts, plan, g, lo, hi)};
-        },
-        [&](int64_t g, const GroupSums& s, int64_t lo, int64_t hi, bool writes_outputs) {
-          const A norm = gsqrt(static_cast<A>(s.sq));
-          if (writes_outputs) norms[g] = norm;
-          const A f = factor(g, norm);
-          for_each_piece(ts, plan.members[g], lo, hi,
-                         [&](int64_t i, int64_t off, int64_t n) { apply(i, off, n, f); });
-        });
-    return;
-  }
+  const std::vector<int64_t> first =
+      groups_fit_in_l2(plan, sizeof(T)) ? whole_group_split(plan, nthreads) : std::vector<int64_t>{};
+  auto finish = [&](int64_t g, double sq, bool record) {
+    const A norm = gsqrt(static_cast<A>(sq));
+    if (record) norms[g] = norm;
+    return factor(g, norm);
+  };
+  // Whole groups g0 .. g1 - 1 on this thread.
   auto run = [&](int64_t g0, int64_t g1) {
     double sq = g0 < g1 ? range_sum_squares<T>(ts, plan, g0, 0, plan.size[g0]) : 0.0;
     for (int64_t g = g0; g < g1; ++g) {
-      norms[g] = gsqrt(static_cast<A>(sq));
-      const A f = factor(g, norms[g]);
-      GroupCursor cur(ts, plan.members[g]), nxt;
-      if (g + 1 < g1) nxt = GroupCursor(ts, plan.members[g + 1]);
-      double next_sq = 0.0, piece = 0.0;
-      while (cur.more() || nxt.more()) {
-        if (nxt.more()) {
-          nxt.next([&](int64_t i, int64_t off, int64_t n, bool last) {
-            piece += sum_squares(ts[i].const_data_ptr<T>() + off, n);
-            if (last) {
-              next_sq += piece;
-              piece = 0.0;
-            }
-          });
-        }
-        if (cur.more()) cur.next([&](int64_t i, int64_t off, int64_t n, bool) { apply(i, off, n, f); });
-      }
-      sq = next_sq;
+      const A f = finish(g, sq, true);
+      const bool more = g + 1 < g1;
+      sq = rewrite_and_sum_next<T>(
+          ts, plan.members[g], 0, plan.size[g], more ? &plan.members[g + 1] : nullptr, 0,
+          more ? plan.size[g + 1] : 0, [&](int64_t i, int64_t off, int64_t n) { apply(i, off, n, f); });
     }
   };
+  std::vector<double> partial(nthreads * (G + 1), 0.0);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
     const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-    if (team == nthreads && team > 1) {
+    if (team == 1 || team != nthreads) {
+      if (tid == 0) run(0, G);  // one thread, or a smaller team than asked for: all groups here
+    } else if (!first.empty()) {
       run(first[tid], first[tid + 1]);
-    } else if (tid == 0) {  // one thread, or a smaller team than asked for: all groups here
-      run(0, G);
+    } else {
+      // Every thread its share of every group; a barrier per group to add the partial sums in
+      // thread order (results independent of timing).
+      auto sh = [&](int64_t g) { return share(plan.size[g], tid, team); };
+      partial[tid] = range_sum_squares<T>(ts, plan, 0, sh(0).first, sh(0).second);
+#pragma omp barrier
+      for (int64_t g = 0; g < G; ++g) {
+        double sq = 0.0;
+        for (int t = 0; t < team; ++t) sq += partial[g * team + t];
+        const A f = finish(g, sq, tid == 0);
+        const bool more = g + 1 < G;
+        const auto [lo, hi] = sh(g);
+        const auto [nlo, nhi] = more ? sh(g + 1) : std::pair<int64_t, int64_t>{0, 0};
+        partial[(g + 1) * team + tid] = rewrite_and_sum_next<T>(
+            ts, plan.members[g], lo, hi, more ? &plan.members[g + 1] : nullptr, nlo, nhi,
+            [&](int64_t i, int64_t off, int64_t n) { apply(i, off, n, f); });
+#pragma omp barrier
+      }
     }
   }
 }
 
 // Per group: the sum of squares, then the shrink while the group (or this thread's share of it)
-// is in cache (a ViT-B group of r = 16 is ~0.5 MB: it stays in a 1 MB L2 between the two passes,
-// and a thread's share of a larger group does).
+// is in cache (for_each_group_rewrite).
 template <typename T>
 void group_prox_kernel(const std::vector<at::Tensor>& ts, const GroupPlan& plan,
                        const acc_t<T>* lam, acc_t<T>* norms) {
