@@ -7,9 +7,8 @@
 // AdamW step and the penalty's gradient must finish a group (norm, then rewrite) while it is in
 // cache: each thread takes whole groups when that balances (a model's equal-sized blocks), else
 // an even share of every group with a barrier per group. The prox and the gradient rewrite one
-// group while summing the next, and take shares also where a group is too large for L2
-// (for_each_group_rewrite). Calls too small to pay for waking the thread team run on the calling
-// thread. Partial sums are added in thread order, so results do not depend on timing.
+// group while summing the next (for_each_group_rewrite). Calls too small to pay for waking the
+// thread team run on the calling thread. Partial sums are added in thread order, so results do not depend on timing.
 // Squares are summed in float (double for double) in four 32-byte vector accumulators per
 // 4096-element chunk, and the chunk sums are added in double, which keeps fp32 sums of millions
 // of elements accurate.
@@ -29,8 +28,6 @@
 #include <numeric>
 #include <type_traits>
 #include <vector>
-
-#include <unistd.h>
 
 #include "checks.h"
 #include "gslora_math.h"
@@ -486,37 +483,23 @@ double rewrite_and_sum_next(const std::vector<at::Tensor>& ts,
   return next_sq;
 }
 
-// Whether the largest group takes at most 3/4 of a core's L2 cache (512 KB where the system does
-// not say). A thread that takes whole groups holds one group from its sum to its rewrite while the
-// next group streams in; a larger group falls out of L2 before its rewrite, and then threads that
-// each take a share of every group (a barrier per group) are faster: timed interleaved on this
-// 512 KB-L2 machine, shares won on ViT-B r = 16 (480 KB groups), tied on the face ViT r = 16
-// (320 KB) and lost on the r = 8 layouts (160 and 240 KB).
-bool groups_fit_in_l2(const GroupPlan& plan, size_t elem_size) {
-  static const int64_t l2 = [] {
-    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return v > 0 ? int64_t(v) : int64_t(512) << 10;
-  }();
-  const int64_t largest = *std::max_element(plan.size.begin(), plan.size.end());
-  return 4 * largest * static_cast<int64_t>(elem_size) <= 3 * l2;
-}
-
 // The driver of kernels that read a group (sum of squares), record its norm and then rewrite the
 // group with a per-group factor: factor(g, norm) -> the group's factor; apply(i, off, n, f)
 // rewrites that piece of tensor i. The rewrite of group g runs interleaved, piece by piece, with
 // the sum over group g + 1, so that two memory streams are in flight instead of one (the passes
 // are bound by memory latency here, not bandwidth). Each thread takes whole groups where that
-// balances (whole_group_split) and the groups fit in L2; otherwise every thread takes a share of
-// every group, with a barrier per group. The pieces are cut like range_sum_squares' calls, so
-// the sums are the same doubles.
+// balances (whole_group_split), otherwise a share of every group, with a barrier per group. The
+// pieces are cut like range_sum_squares' calls, so the sums are the same doubles. (Shares of
+// every group also for equal groups too large to stay in L2 until their rewrite, such as ViT-B
+// r = 16's 480 KB here, were tried: timed interleaved with the whole benchmark's providers, the
+// barriers cost more than the cache misses they save.)
 template <typename T, typename Factor, typename Apply>
 void for_each_group_rewrite(const std::vector<at::Tensor>& ts, const GroupPlan& plan,
                             acc_t<T>* norms, Factor&& factor, Apply&& apply) {
   using A = acc_t<T>;
   const int64_t G = static_cast<int64_t>(plan.size.size());
   const int nthreads = plan.parallel ? at::get_num_threads() : 1;
-  const std::vector<int64_t> first =
-      groups_fit_in_l2(plan, sizeof(T)) ? whole_group_split(plan, nthreads) : std::vector<int64_t>{};
+  const std::vector<int64_t> first = whole_group_split(plan, nthreads);
   auto finish = [&](int64_t g, double sq, bool record) {
     const A norm = gsqrt(static_cast<A>(sq));
     if (record) norms[g] = norm;

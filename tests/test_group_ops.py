@@ -91,15 +91,15 @@ def test_group_prox_in_place(backend, device, dtype):
     assert not tensors[4].is_contiguous()
 
 
-def _blocks(dtype, device, blocks=6, seed=1, r=4, K=256, N=1024):
-    """A model's layout: equal groups of fc1.A, fc1.B, fc2.A, fc2.B (by default r = 4, 256/1024),
-    large enough for the CPU kernels' thread team (which then gives every thread whole groups);
-    block 2 is all zeros, one tensor is non-contiguous."""
+def _blocks(dtype, device, blocks=6, seed=1):
+    """A model's layout: equal groups of fc1.A, fc1.B, fc2.A, fc2.B (r = 4, 256/1024), large enough
+    for the CPU kernels' thread team (which then gives every thread whole groups); block 2 is all
+    zeros, one tensor is non-contiguous."""
     g = torch.Generator().manual_seed(seed)
     mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device, dtype)
     tensors, ids = [], []
     for b in range(blocks):
-        block = [mk(r, K), mk(N, r), mk(r, N), mk(r, K).t()]
+        block = [mk(4, 256), mk(1024, 4), mk(4, 1024), mk(4, 256).t()]
         if b == 2:
             block = [torch.zeros_like(t) for t in block]
         tensors += block
@@ -107,20 +107,12 @@ def _blocks(dtype, device, blocks=6, seed=1, r=4, K=256, N=1024):
     return tensors, ids, blocks
 
 
-def _large_blocks(dtype, device):
-    """Four blocks of 2.6 MB in fp32 (r = 64, 1024/4096), more than 3/4 of any CPU's L2 cache: the
-    prox-style kernels give every thread a share of every group, as the norms do."""
-    return _blocks(dtype, device, 4, r=64, K=1024, N=4096)
-
-
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("blocks", [6, 7, 1, "large"])
+@pytest.mark.parametrize("blocks", [6, 7, 1])
 def test_group_prox_model_layout(backend, device, dtype, blocks):
-    """Equal groups (whole groups per thread: 6 split evenly, 7 not quite, 1 fewer than threads;
-    groups too large for L2: shares of every group)."""
-    tensors, ids, G = _large_blocks(dtype, device) if blocks == "large" else _blocks(dtype, device,
-                                                                                     blocks)
+    """Equal groups (whole groups per thread: 6 split evenly, 7 not quite, 1 fewer than threads)."""
+    tensors, ids, G = _blocks(dtype, device, blocks)
     norms64 = reference.group_norms([t.double() for t in tensors], ids, G)
     # Shrink factors 1 - λ/‖θ‖ from 0.9 to 0.4 (well away from 0, where the norms' rounding would
     # dominate), and the last group dies.
@@ -219,7 +211,7 @@ def _leaves_with_grads(tensors, existing, seed=5):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weighted", [True, False])
-@pytest.mark.parametrize("layout", ["odd", "blocks", "large"])
+@pytest.mark.parametrize("layout", ["odd", "blocks"])
 @pytest.mark.parametrize("existing", [False, True], ids=["no-grad", "grad"])
 # A non-contiguous .grad on purpose (the op's slow path); autograd warns about its layout.
 @pytest.mark.filterwarnings("ignore:grad and param do not obey the gradient layout contract")
@@ -228,11 +220,9 @@ def test_add_group_lasso_grad_is_the_penalty_backward(backend, device, dtype, we
     # What (alpha * penalty).backward() gives with the same backend: the fused op rounds like
     # group_scale followed by autograd's accumulation. "odd": unequal groups, a zero group, an
     # empty group, a non-contiguous tensor; the threads split every group as group_sq_norms does,
-    # so the norms and the gradients have the same bits; "large": groups too large for L2, split
-    # the same way. "blocks": a model's layout, whole groups per thread: the norms' sums are
-    # associated differently, equal to a few ulps.
-    make = {"odd": _groups, "blocks": _blocks, "large": _large_blocks}[layout]
-    tensors, ids, G = make(dtype, device)
+    # so the norms and the gradients have the same bits. "blocks": a model's layout, whole groups
+    # per thread: the norms' sums are associated differently, equal to a few ulps.
+    tensors, ids, G = _groups(dtype, device) if layout == "odd" else _blocks(dtype, device)
     acc = reference.accumulate_dtype(dtype)
     w = torch.linspace(0.5, 2.0, G, dtype=acc, device=device) if weighted else None
     auto = _leaves_with_grads(tensors, existing)
@@ -245,7 +235,7 @@ def test_add_group_lasso_grad_is_the_penalty_backward(backend, device, dtype, we
     torch.testing.assert_close(value, expected, rtol=_tol(dtype), atol=0)
     for i, (a, f, b) in enumerate(zip(auto, fused, before, strict=True)):
         assert f.grad.dtype == dtype and f.grad.shape == f.shape, i
-        if layout != "blocks":
+        if layout == "odd":
             assert torch.equal(f.grad, a.grad), f"tensors[{i}].grad"
         else:
             eps = torch.finfo(dtype).eps
@@ -253,7 +243,7 @@ def test_add_group_lasso_grad_is_the_penalty_backward(backend, device, dtype, we
                                        msg=f"tensors[{i}].grad")
         if b is not None:  # updated in place, by the penalty's gradient
             assert f.grad.data_ptr() == b[0], f"tensors[{i}].grad was replaced"
-            assert not torch.equal(f.grad, b[1]) or ids[i] in (1, 3) or (layout != "odd"
+            assert not torch.equal(f.grad, b[1]) or ids[i] in (1, 3) or (layout == "blocks"
                                                                       and ids[i] == 2), i
     assert all(torch.equal(t, f.detach()) for t, f in zip(tensors, fused, strict=True))
     if dtype == torch.float64:  # and against the specification's autograd
