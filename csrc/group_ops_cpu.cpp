@@ -8,7 +8,8 @@
 // cache: each thread takes whole groups when that balances (a model's equal-sized blocks), else
 // an even share of every group with a barrier per group. The prox and the gradient rewrite one
 // group while summing the next (for_each_group_rewrite). Calls too small to pay for waking the
-// thread team run on the calling thread. Partial sums are added in thread order, so results do not depend on timing.
+// thread team run on the calling thread. Partial sums are added in thread order, so results do
+// not depend on timing.
 // Squares are summed in float (double for double) in four 32-byte vector accumulators per
 // 4096-element chunk, and the chunk sums are added in double, which keeps fp32 sums of millions
 // of elements accurate.
@@ -370,9 +371,11 @@ std::vector<int64_t> whole_group_split(const GroupPlan& plan, int nthreads) {
   return first;
 }
 
-// The driver of the prox-style kernels: per group, sum(g, lo, hi) -> GroupSums over elements
-// [lo, hi) of the group, then finish(g, sums of the whole group, lo, hi, writes_outputs) updates
-// [lo, hi) in place while it is still in the thread's cache.
+// The driver of the fused AdamW + prox kernel, whose first pass over a group writes (the AdamW
+// update, summing the squares of its result), unlike those of for_each_group_rewrite's kernels:
+// per group, sum(g, lo, hi) -> GroupSums over elements [lo, hi) of the group, then finish(g, sums
+// of the whole group, lo, hi, writes_outputs) updates [lo, hi) in place while it is still in the
+// thread's cache.
 // * Whole groups per thread where that balances (whole_group_split): no synchronisation at all.
 // * Otherwise every thread takes an even share of every group; the team meets at a barrier per
 //   group and adds the partial sums in thread order, so results do not depend on timing.
