@@ -331,15 +331,22 @@ std::vector<at::Tensor> group_scale_cpu(at::TensorList tensors, at::IntArrayRef 
   return outs;
 }
 
-// In place, elements [lo, hi) of group g times f (f == 1, i.e. lam == 0: no write pass).
+// In place, elements [off, off + n) of tensor i times the prox factor f (f == 1, i.e. lam == 0:
+// no write pass).
+template <typename T>
+inline void shrink_piece(const std::vector<at::Tensor>& ts, int64_t i, int64_t off, int64_t n,
+                         acc_t<T> f) {
+  if (f == acc_t<T>(1)) return;
+  T* p = ts[i].data_ptr<T>() + off;
+  scale(p, p, n, f);
+}
+
+// In place, elements [lo, hi) of group g times the prox factor f.
 template <typename T>
 inline void scale_range(const std::vector<at::Tensor>& ts, const GroupPlan& plan, int64_t g,
                         int64_t lo, int64_t hi, acc_t<T> f) {
-  if (f == acc_t<T>(1)) return;
-  for_each_piece(ts, plan.members[g], lo, hi, [&](int64_t i, int64_t off, int64_t n) {
-    T* p = ts[i].data_ptr<T>() + off;
-    scale(p, p, n, f);
-  });
+  for_each_piece(ts, plan.members[g], lo, hi,
+                 [&](int64_t i, int64_t off, int64_t n) { shrink_piece<T>(ts, i, off, n, f); });
 }
 
 // What a prox-style kernel sums over (part of) a group before it can finish the group.
@@ -557,11 +564,7 @@ void group_prox_kernel(const std::vector<at::Tensor>& ts, const GroupPlan& plan,
   using A = acc_t<T>;
   for_each_group_rewrite<T>(
       ts, plan, norms, [&](int64_t g, A norm) { return prox_factor<A>(norm, lam[g]); },
-      [&](int64_t i, int64_t off, int64_t n, A f) {
-        if (f == A(1)) return;  // lam == 0: no write
-        T* p = ts[i].data_ptr<T>() + off;
-        scale(p, p, n, f);
-      });
+      [&](int64_t i, int64_t off, int64_t n, A f) { shrink_piece<T>(ts, i, off, n, f); });
 }
 
 at::Tensor group_prox_cpu(at::TensorList tensors, at::IntArrayRef group_ids, int64_t num_groups,

@@ -9,15 +9,18 @@ Imported by :mod:`gslora._ext` right after ``gslora._C``.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from . import _C
 
 __all__: list[str] = []
 
-# The entry points of csrc/python_module.cpp; each takes the arguments of its op's schema.
-ENTRY_POINTS = ("group_sq_norms", "group_scale", "group_prox_", "group_lasso_penalty",
-                "add_group_lasso_grad_", "adamw_prox_")
+# The entry points of csrc/python_module.cpp (the module's functions, named like their ops); each
+# takes the arguments of its op's schema.
+ENTRY_POINTS = tuple(name for name, obj in vars(_C).items()
+                     if not name.startswith("_") and inspect.isbuiltin(obj))
 
 
 def _register(name: str) -> None:
