@@ -33,6 +33,7 @@
 // x86-64-v3 clone (target_clones picks it at load time where the CPU supports it).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -241,6 +242,26 @@ void parallel_rows(int64_t M, const F& fn) {
   at::parallel_for(0, M, kRowGrain, [&](int64_t m0, int64_t m1) { fn(at::get_thread_num(), m0, m1); });
 }
 
+// The fp32 AVX2 paths run each pass in ONE OpenMP region instead of several parallel_for calls and
+// ATen ops around them: each region, and each ATen call on the calling thread in between (the
+// transposes, zeroing the partial sums, their reduction), cost tens of µs here against a rank-r
+// pass of a few hundred at M = 256. body(tid, team) runs once on every thread of a team of up to
+// at::get_num_threads() (one for fewer than two kRowGrain row blocks; one inside another parallel
+// region) and may meet the team at `#pragma omp barrier`.
+template <typename F>
+void run_team(int64_t M, const F& body) {
+  const int want = static_cast<int>(
+      std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, M / kRowGrain)));
+#pragma omp parallel num_threads(want) if (want > 1)
+  body(omp_get_thread_num(), omp_get_num_threads());
+}
+
+// Thread tid's part [lo, hi) of n items split over team threads, cut at multiples of `unit`.
+inline std::pair<int64_t, int64_t> team_share(int64_t n, int tid, int team, int64_t unit = 1) {
+  const int64_t units = gslora::ceil_div(n, unit);
+  return {std::min(n, units * tid / team * unit), std::min(n, units * (tid + 1) / team * unit)};
+}
+
 // [rows, cols] -> [rows, RP] in the accumulate dtype, zero-padded: padded columns of P give
 // padded columns of out that are exactly zero and never read back.
 at::Tensor pad_cols(const at::Tensor& t, int64_t RP, at::ScalarType acc) {
@@ -262,12 +283,15 @@ const bool* mask_ptr(const c10::optional<at::Tensor>& mask, at::Tensor& holder) 
 // ---------------------------------------------------------------------------------------------
 // fp32 "project" pass of the backward with explicit AVX2 (the generic K1 above compiles to
 // partly scalar code and measured ~12 cycles per element of g; this one ~1-2): for the rows
-// [m0, m1) of g [M, N] and every 8-column chunk c of the padded rank RP,
-//   us[m, c:c+8] = s * sum_n g[m, n] Bp[n, c:c+8]          (s u = s g B)
-//   D[n, c:c+8] += sum_m g[m, n] xa[m, c:c+8]               (g^T xa, this thread's partial)
-// NR rows share each load of Bp[n] / D[n]; the NR accumulators of us are independent FMA chains.
-// Both sums are blocked (partials of kSumBlock terms over n, kRowSumBlock rows over m, added at
-// the end) so that their rounding error grows like BLAS's, not linearly in N or M.
+// [m0, m1) of g [M, N] and the padded rank RP,
+//   us[m, :] = s * sum_n g[m, n] Bp[n, :]          (s u = s g B)
+//   D[n, :] += sum_m g[m, n] xa[m, :]               (g^T xa, this thread's partial)
+// in passes over 16 columns (CW = 2 chunks of 8) with NR = 4 rows, then a last 8-column chunk
+// with NR = 8: each pass keeps NR x CW independent FMA chains for us and CW for D in flight, and
+// each load of Bp[n] / D[n] serves NR rows. (One chunk per pass with 4 rows, as before, ran the
+// r = 16 pass 1.3-1.5x slower: half the chains, and g read once per chunk.) Both sums are blocked
+// (partials of kSumBlock terms over n, kRowSumBlock rows over m, added at the end) so that their
+// rounding error grows like BLAS's, not linearly in N or M.
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define GSLORA_HAVE_AVX2_PATH 1
@@ -275,58 +299,91 @@ const bool* mask_ptr(const c10::optional<at::Tensor>& mask, at::Tensor& holder) 
 constexpr int64_t kSumBlock = 128;
 constexpr int64_t kRowSumBlock = 256;
 
-// Without HAS_D it is the plain projection us = s g Bp (the forward's xa = x A^T uses it).
-template <int NR, bool HAS_D = true>
+// Columns [c, c + 8 CW) of the pass above for the NR rows from m. Without HAS_D it is the plain
+// projection us = s g Bp (the forward's xa = x A^T uses it).
+template <int NR, int CW, bool HAS_D>
 __attribute__((target("avx2,fma"))) GSLORA_INLINE void project_block_avx2(
-    const float* __restrict g, int64_t N, const float* __restrict Bp, int64_t RP,
+    const float* __restrict g, int64_t N, const float* __restrict Bp, int64_t RP, int64_t c,
     const float* __restrict xa, __m256 sv, float* __restrict us, float* __restrict D, int64_t m) {
-  for (int64_t c = 0; c < RP; c += 8) {
-    __m256 acc[NR], xv[NR];
-    const float* grow[NR];
-    for (int i = 0; i < NR; ++i) {
-      acc[i] = _mm256_setzero_ps();
-      xv[i] = HAS_D ? _mm256_loadu_ps(xa + (m + i) * RP + c) : _mm256_setzero_ps();
-      grow[i] = g + (m + i) * N;
+  __m256 acc[NR][CW], xv[NR][CW];
+  const float* grow[NR];
+  for (int i = 0; i < NR; ++i) {
+    for (int w = 0; w < CW; ++w) {
+      acc[i][w] = _mm256_setzero_ps();
+      xv[i][w] = HAS_D ? _mm256_loadu_ps(xa + (m + i) * RP + c + 8 * w) : _mm256_setzero_ps();
     }
-    for (int64_t n0 = 0; n0 < N; n0 += kSumBlock) {
-      const int64_t n1 = std::min(N, n0 + kSumBlock);
-      __m256 part[NR];
-      for (int i = 0; i < NR; ++i) part[i] = _mm256_setzero_ps();
-      const float* bp = Bp + n0 * RP + c;
-      for (int64_t n = n0; n < n1; ++n, bp += RP) {
-        const __m256 bv = _mm256_loadu_ps(bp);
-        float* dp = HAS_D ? D + n * RP + c : nullptr;
-        __m256 d = HAS_D ? _mm256_loadu_ps(dp) : _mm256_setzero_ps();
-        for (int i = 0; i < NR; ++i) {
-          const __m256 gi = _mm256_broadcast_ss(grow[i] + n);
-          part[i] = _mm256_fmadd_ps(gi, bv, part[i]);
-          if (HAS_D) d = _mm256_fmadd_ps(gi, xv[i], d);
-        }
-        if (HAS_D) _mm256_storeu_ps(dp, d);
-      }
-      for (int i = 0; i < NR; ++i) acc[i] = _mm256_add_ps(acc[i], part[i]);
-    }
-    for (int i = 0; i < NR; ++i) _mm256_storeu_ps(us + (m + i) * RP + c, _mm256_mul_ps(acc[i], sv));
+    grow[i] = g + (m + i) * N;
   }
+  for (int64_t n0 = 0; n0 < N; n0 += kSumBlock) {
+    const int64_t n1 = std::min(N, n0 + kSumBlock);
+    __m256 part[NR][CW];
+    for (int i = 0; i < NR; ++i)
+      for (int w = 0; w < CW; ++w) part[i][w] = _mm256_setzero_ps();
+    const float* bp = Bp + n0 * RP + c;
+    for (int64_t n = n0; n < n1; ++n, bp += RP) {
+      float* dp = HAS_D ? D + n * RP + c : nullptr;
+      __m256 bv[CW], d[CW];
+      for (int w = 0; w < CW; ++w) {
+        bv[w] = _mm256_loadu_ps(bp + 8 * w);
+        d[w] = HAS_D ? _mm256_loadu_ps(dp + 8 * w) : _mm256_setzero_ps();
+      }
+      for (int i = 0; i < NR; ++i) {
+        const __m256 gi = _mm256_broadcast_ss(grow[i] + n);
+        for (int w = 0; w < CW; ++w) {
+          part[i][w] = _mm256_fmadd_ps(gi, bv[w], part[i][w]);
+          if (HAS_D) d[w] = _mm256_fmadd_ps(gi, xv[i][w], d[w]);
+        }
+      }
+      if (HAS_D)
+        for (int w = 0; w < CW; ++w) _mm256_storeu_ps(dp + 8 * w, d[w]);
+    }
+    for (int i = 0; i < NR; ++i)
+      for (int w = 0; w < CW; ++w) acc[i][w] = _mm256_add_ps(acc[i][w], part[i][w]);
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int w = 0; w < CW; ++w)
+      _mm256_storeu_ps(us + (m + i) * RP + c + 8 * w, _mm256_mul_ps(acc[i][w], sv));
 }
 
-// D [N, RP] += the g^T xa sum over rows [m0, m1), accumulated kRowSumBlock rows at a time in `part`
-// ([N, RP] scratch) and then added to D.
+template <int NR, int CW, bool HAS_D>
+__attribute__((target("avx2,fma"))) GSLORA_INLINE void project_pass_avx2(
+    const float* g, int64_t N, const float* Bp, int64_t RP, int64_t c, const float* xa, __m256 sv,
+    float* us, float* D, int64_t m0, int64_t m1) {
+  int64_t m = m0;
+  for (; m + NR <= m1; m += NR) project_block_avx2<NR, CW, HAS_D>(g, N, Bp, RP, c, xa, sv, us, D, m);
+  for (; m < m1; ++m) project_block_avx2<1, CW, HAS_D>(g, N, Bp, RP, c, xa, sv, us, D, m);
+}
+
+// Every column of the rows [m0, m1): 16-column passes, then the last 8 columns.
+template <bool HAS_D>
+__attribute__((target("avx2,fma"))) GSLORA_INLINE void project_range_avx2(
+    const float* g, int64_t N, const float* Bp, int64_t RP, const float* xa, __m256 sv,
+    float* us, float* D, int64_t m0, int64_t m1) {
+  int64_t c = 0;
+  for (; c + 16 <= RP; c += 16)
+    project_pass_avx2<4, 2, HAS_D>(g, N, Bp, RP, c, xa, sv, us, D, m0, m1);
+  if (c < RP) project_pass_avx2<8, 1, HAS_D>(g, N, Bp, RP, c, xa, sv, us, D, m0, m1);
+}
+
+// D [N, RP] (zero on entry) = the g^T xa sum over rows [m0, m1), kRowSumBlock rows at a time: the
+// first block straight into D, later ones in a scratch block then added to D.
 __attribute__((target("avx2,fma"))) void project_rows_avx2(const float* g, int64_t N,
                                                            const float* Bp, int64_t RP,
                                                            const float* xa, float s, float* us,
                                                            float* D, int64_t m0, int64_t m1) {
   const __m256 sv = _mm256_set1_ps(s);
-  std::vector<float> part(static_cast<size_t>(N * RP));
+  std::vector<float> part;
   for (int64_t b0 = m0; b0 < m1; b0 += kRowSumBlock) {
     const int64_t b1 = std::min(m1, b0 + kRowSumBlock);
-    std::fill(part.begin(), part.end(), 0.0f);
-    float* P = part.data();
-    int64_t m = b0;
-    for (; m + 4 <= b1; m += 4) project_block_avx2<4>(g, N, Bp, RP, xa, sv, us, P, m);
-    for (; m < b1; ++m) project_block_avx2<1>(g, N, Bp, RP, xa, sv, us, P, m);
-    for (int64_t i = 0; i < N * RP; i += 8)
-      _mm256_storeu_ps(D + i, _mm256_add_ps(_mm256_loadu_ps(D + i), _mm256_loadu_ps(P + i)));
+    float* P = D;
+    if (b0 > m0) {
+      part.assign(static_cast<size_t>(N * RP), 0.0f);
+      P = part.data();
+    }
+    project_range_avx2<true>(g, N, Bp, RP, xa, sv, us, P, b0, b1);
+    if (P != D)
+      for (int64_t i = 0; i < N * RP; i += 8)
+        _mm256_storeu_ps(D + i, _mm256_add_ps(_mm256_loadu_ps(D + i), _mm256_loadu_ps(P + i)));
   }
 }
 
@@ -335,15 +392,13 @@ __attribute__((target("avx2,fma"))) void project_rows_avx2(const float* g, int64
 __attribute__((target("avx2,fma"))) void xa_rows_avx2(const float* x, int64_t K, const float* At,
                                                       int64_t RP, float* xa, int64_t m0,
                                                       int64_t m1) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  int64_t m = m0;
-  for (; m + 4 <= m1; m += 4) project_block_avx2<4, false>(x, K, At, RP, nullptr, one, xa, nullptr, m);
-  for (; m < m1; ++m) project_block_avx2<1, false>(x, K, At, RP, nullptr, one, xa, nullptr, m);
+  project_range_avx2<false>(x, K, At, RP, nullptr, _mm256_set1_ps(1.0f), xa, nullptr, m0, m1);
 }
 
 // y[m, :] = b + xa[m, :r] sBt for the rows [m0, m1): the adapter term (and the bias) written once
 // into y, which the big GEMM then accumulates into with beta = 1. xa [M, RP], sBt [r, N] = s B^T,
-// b [N] or null. 16 columns x NR rows per register block; each sBt row load serves NR rows.
+// b [N] or null. 16 columns x NR rows per register block (12 accumulators for NR = 6, 1.2-1.3x
+// faster than NR = 4 here); each sBt row load serves NR rows.
 template <int NR>
 __attribute__((target("avx2,fma"))) GSLORA_INLINE void adapter_block_avx2(
     const float* __restrict xa, int64_t RP, int64_t r, const float* __restrict sBt,
@@ -384,51 +439,81 @@ __attribute__((target("avx2,fma"))) void adapter_rows_avx2(const float* xa, int6
                                                            float* y, int64_t N, int64_t m0,
                                                            int64_t m1) {
   int64_t m = m0;
-  for (; m + 4 <= m1; m += 4) adapter_block_avx2<4>(xa, RP, r, sBt, b, y, N, m);
+  for (; m + 6 <= m1; m += 6) adapter_block_avx2<6>(xa, RP, r, sBt, b, y, N, m);
   for (; m < m1; ++m) adapter_block_avx2<1>(xa, RP, r, sBt, b, y, N, m);
 }
 
-// P [r, K] += us[m, :r]^T x[m, :] for the NR rows from m (dA = (s u)^T x). The NR rows of x
-// stay in registers for each 8-column chunk, so every load / store of a P chunk serves NR rows.
-template <int NR>
-__attribute__((target("avx2,fma"))) GSLORA_INLINE void outer_block_avx2(
-    const float* __restrict us, int64_t RP, int64_t r, const float* __restrict x, int64_t K,
-    float* __restrict P, int64_t m) {
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 xv[NR];
-    for (int i = 0; i < NR; ++i) xv[i] = _mm256_loadu_ps(x + (m + i) * K + k);
-    for (int64_t j = 0; j < r; ++j) {
-      float* pj = P + j * K + k;
-      __m256 d = _mm256_loadu_ps(pj);
-      for (int i = 0; i < NR; ++i)
-        d = _mm256_fmadd_ps(_mm256_broadcast_ss(us + (m + i) * RP + j), xv[i], d);
-      _mm256_storeu_ps(pj, d);
-    }
+// D[j0 + j, k:k+8] += sum over the rows [m0, m1) of us[m, j0 + j] x[m, k:k+8], j < JN: JN
+// independent FMA chains over the rows, each D chunk loaded and stored once per call. PREFETCH:
+// also fetch the next cache line of each row of x, which the walk after next reads (the walk down
+// the rows defeats the hardware prefetcher: with x out of cache it ran 2x slower without).
+template <int JN, bool PREFETCH>
+__attribute__((target("avx2,fma"))) GSLORA_INLINE void outer_cols_avx2(
+    const float* __restrict us, int64_t RP, int64_t j0, const float* __restrict x, int64_t K,
+    float* __restrict D, int64_t k, int64_t m0, int64_t m1) {
+  __m256 acc[JN];
+  for (int j = 0; j < JN; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t m = m0; m < m1; ++m) {
+    const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+    if (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(x + m * K + k + 16), _MM_HINT_T0);
+    for (int j = 0; j < JN; ++j)
+      acc[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(us + m * RP + j0 + j), xv, acc[j]);
   }
-  for (; k < K; ++k)  // column tail
-    for (int64_t j = 0; j < r; ++j) {
-      float d = P[j * K + k];
-      for (int i = 0; i < NR; ++i) d += us[(m + i) * RP + j] * x[(m + i) * K + k];
-      P[j * K + k] = d;
-    }
+  for (int j = 0; j < JN; ++j) {
+    float* d = D + (j0 + j) * K + k;
+    _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), acc[j]));
+  }
 }
 
-// D [r, K] += (s u)^T x over the rows [m0, m1) (this thread's partial of dA), summed kRowSumBlock
-// rows at a time in a scratch block (like the g^T xa sum above) and then added to D. MKL reads x
-// for this rank-r product at a fraction of the memory speed.
+// D [r, K] += (s u)^T x over the rows [m0, m1) (this thread's partial of dA; D zero on entry), in
+// blocks of kOuterRows rows, each swept 8 columns of x by up to 8 rows of D at a time. (Row
+// blocks of x in registers with a chain through each D chunk, as before, ran 1.2-1.5x slower with
+// x in L2 or L3 at r = 16: the chains were as long as the block.) MKL reads x for this rank-r
+// product at a fraction of the memory speed.
+constexpr int64_t kOuterRows = 64;
+
 __attribute__((target("avx2,fma"))) void outer_rows_avx2(const float* us, int64_t RP, int64_t r,
                                                          const float* x, int64_t K, float* D,
                                                          int64_t m0, int64_t m1) {
-  std::vector<float> part(static_cast<size_t>(r * K));
-  for (int64_t b0 = m0; b0 < m1; b0 += kRowSumBlock) {
-    const int64_t b1 = std::min(m1, b0 + kRowSumBlock);
-    std::fill(part.begin(), part.end(), 0.0f);
-    float* P = part.data();
-    int64_t m = b0;
-    for (; m + 8 <= b1; m += 8) outer_block_avx2<8>(us, RP, r, x, K, P, m);
-    for (; m < b1; ++m) outer_block_avx2<1>(us, RP, r, x, K, P, m);
-    for (int64_t i = 0; i < r * K; ++i) D[i] += P[i];
+  for (int64_t b0 = m0; b0 < m1; b0 += kOuterRows) {
+    const int64_t b1 = std::min(m1, b0 + kOuterRows);
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      // Prefetch on the first sweep over each 16-float cache line of the rows.
+      const bool pf = k % 16 == 0 && k + 16 < K;
+      int64_t j = 0;
+      for (; j + 8 <= r; j += 8) {
+        if (pf && j == 0)
+          outer_cols_avx2<8, true>(us, RP, j, x, K, D, k, b0, b1);
+        else
+          outer_cols_avx2<8, false>(us, RP, j, x, K, D, k, b0, b1);
+      }
+      for (; j + 4 <= r; j += 4) outer_cols_avx2<4, false>(us, RP, j, x, K, D, k, b0, b1);
+      for (; j < r; ++j) outer_cols_avx2<1, false>(us, RP, j, x, K, D, k, b0, b1);
+    }
+    for (; k < K; ++k)  // column tail
+      for (int64_t j = 0; j < r; ++j) {
+        float d = 0.0f;
+        for (int64_t m = b0; m < b1; ++m) d += us[m * RP + j] * x[m * K + k];
+        D[j * K + k] += d;
+      }
+  }
+}
+
+// out[i, :cols] = scale * (the sum over t < team of parts[t * stride + i * ld + :cols]), added in
+// thread order, for the rows [i0, i1): the per-thread partial sums of dB and dA reduced.
+__attribute__((target("avx2,fma"))) void sum_partials(const float* parts, int64_t stride,
+                                                      int team, int64_t ld, int64_t cols,
+                                                      float scale, float* out, int64_t i0,
+                                                      int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    float* o = out + i * cols;
+    const float* p = parts + i * ld;
+    for (int64_t j = 0; j < cols; ++j) o[j] = p[j];
+    for (int t = 1; t < team; ++t)
+      for (int64_t j = 0; j < cols; ++j) o[j] += p[t * stride + j];
+    if (scale != 1.0f)
+      for (int64_t j = 0; j < cols; ++j) o[j] *= scale;
   }
 }
 
@@ -454,7 +539,7 @@ bool merge_forward(int64_t M, int64_t K, int64_t r) { return M * r > kMergeWork 
 
 // out [N, r] = s * sum over threads of the partial sums part [T, N, RP] (columns r.. of the
 // padding dropped), in one loop: the ATen sum / narrow / mul / contiguous chain cost more than the
-// reduction itself. dB = s g^T xa from its partials, and dA = (s u)^T x (RP = r, s = 1).
+// reduction itself. dB = s g^T xa from its partials (the path without AVX2 and fp64).
 template <typename T>
 at::Tensor reduce_thread_partials(const at::Tensor& part, int64_t r, double scaling) {
   const int64_t nthreads = part.size(0), N = part.size(1), RP = part.size(2);
@@ -478,42 +563,88 @@ at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_A,
 }
 
 #ifdef GSLORA_HAVE_AVX2_PATH
-// fp32 forward without a merge, with AVX2: xa = x A^T, then y = b + xa (s B)^T written once by
-// the adapter kernel (row blocks, in parallel), then y += x W^T inside the big GEMM (beta = 1).
-// MKL runs both rank-r products far below the memory speed (the second as slowly as the bias copy
-// of a plain Linear times six at M = 788, N = 2048).
+// fp32 forward without a merge, with AVX2, in one parallel region: each thread writes its part of
+// A^T [K, RP] (zero-padded) and s B^T [r, N]; after a barrier, for its rows, xa = x A^T and then
+// y = b + xa (s B)^T written once by the adapter kernel (while the rows' xa is hot). Then
+// y += x W^T inside the big GEMM (beta = 1). MKL runs both rank-r products far below the memory
+// speed (the second as slowly as the bias copy of a plain Linear times six at M = 788, N = 2048).
 std::tuple<at::Tensor, at::Tensor> fwd_avx2_unmerged(const at::Tensor& x, const at::Tensor& weight,
                                                      const c10::optional<at::Tensor>& bias,
                                                      const at::Tensor& lora_A,
                                                      const at::Tensor& lora_B, double scaling) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   const int64_t RP = padded_rank(r);
-  // A^T [K, RP] (zero-padded) and s B^T [r, N] in two plain loops: the ATen chain (t, zeros,
-  // narrow, copy, mul, contiguous) costs more than these tiny transposes at M = 256.
+  const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
   at::Tensor At = at::empty({K, RP}, x.options());
   at::Tensor sBt = at::empty({r, N}, x.options());
-  {
-    const float *a = lora_A.const_data_ptr<float>(), *bsrc = lora_B.const_data_ptr<float>();
-    float *at_ = At.data_ptr<float>(), *bt_ = sBt.data_ptr<float>();
-    const float s = static_cast<float>(scaling);
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t j = 0; j < RP; ++j) at_[k * RP + j] = j < r ? a[j * K + k] : 0.0f;
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t j = 0; j < r; ++j) bt_[j * N + n] = s * bsrc[n * r + j];
-  }
-  const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
   at::Tensor xa_p = at::empty({M, RP}, x.options());
   at::Tensor y = at::empty({M, N}, x.options());
-  const float *xp = x.const_data_ptr<float>(), *ap = At.const_data_ptr<float>();
-  const float *bt = sBt.const_data_ptr<float>(), *bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  const float *xp = x.const_data_ptr<float>(), *a = lora_A.const_data_ptr<float>();
+  const float *bsrc = lora_B.const_data_ptr<float>(), *bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  float *at_ = At.data_ptr<float>(), *bt = sBt.data_ptr<float>();
   float *xap = xa_p.data_ptr<float>(), *yp = y.data_ptr<float>();
-  parallel_rows(M, [&](int64_t, int64_t m0, int64_t m1) {
-    xa_rows_avx2(xp, K, ap, RP, xap, m0, m1);  // these rows' xa, then their y while xa is hot
+  const float s = static_cast<float>(scaling);
+  run_team(M, [&](int tid, int team) {
+    const auto [k0, k1] = team_share(K, tid, team);
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t j = 0; j < RP; ++j) at_[k * RP + j] = j < r ? a[j * K + k] : 0.0f;
+    const auto [n0, n1] = team_share(N, tid, team);
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t j = 0; j < r; ++j) bt[j * N + n] = s * bsrc[n * r + j];
+#pragma omp barrier
+    const auto [m0, m1] = team_share(M, tid, team, RB);
+    xa_rows_avx2(xp, K, at_, RP, xap, m0, m1);
     adapter_rows_avx2(xap, RP, r, bt, bp, yp, N, m0, m1);
   });
   y.addmm_(x, weight.t());
   at::Tensor xa = RP == r ? xa_p : xa_p.narrow(1, 0, r).contiguous();
   return {y, xa};
+}
+
+// fp32 backward with AVX2, in one parallel region. Each thread, for its rows: ONE pass over g for
+// s u = s g B and its partial of g^T xa (BLAS reads g at a few GB/s for these rank-r products, and
+// g^T xa as BLAS sees it costs as much as the big GEMM); then one pass over the rows that writes
+// dx = (s u) A and sums its partial of dA = (s u)^T x (MKL took 3-5x the time of a write of dx / a
+// read of x for these). After a barrier each thread adds up its rows of dB and dA from all the
+// partials. Then dx += g W inside the big GEMM (beta = 1): measured as fast as g W_eff for every M
+// (which costs two passes over [N, K]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_avx2(
+    const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, bool compute_dx) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  const int64_t RP = padded_rank(r);
+  const at::Tensor Bp = pad_cols(lora_B, RP, at::kFloat);  // [N, RP]
+  const at::Tensor xa_p = pad_cols(xa, RP, at::kFloat);    // [M, RP]
+  at::Tensor us = at::empty({M, RP}, x.options());         // s u = s g B (padded columns 0)
+  // Per thread: its partial of g^T xa [N, RP], then its partial of dA [r, K].
+  const int64_t part_len = N * RP + r * K;
+  at::Tensor parts = at::empty({at::get_num_threads() * part_len}, x.options());
+  at::Tensor dx = compute_dx ? at::empty({M, K}, x.options()) : at::empty({0}, x.options());
+  at::Tensor dA = at::empty({r, K}, x.options());
+  at::Tensor dB = at::empty({N, r}, x.options());
+  const float *gp = g.const_data_ptr<float>(), *xp = x.const_data_ptr<float>();
+  const float *bptr = Bp.const_data_ptr<float>(), *xap = xa_p.const_data_ptr<float>();
+  const float* ap = lora_A.const_data_ptr<float>();
+  float *up = us.data_ptr<float>(), *pp = parts.data_ptr<float>();
+  float *dxp = compute_dx ? dx.data_ptr<float>() : nullptr;
+  float *dAp = dA.data_ptr<float>(), *dBp = dB.data_ptr<float>();
+  const float s = static_cast<float>(scaling);
+  run_team(M, [&](int tid, int team) {
+    float* dB_t = pp + tid * part_len;
+    float* dA_t = dB_t + N * RP;
+    std::fill(dB_t, dB_t + part_len, 0.0f);
+    const auto [m0, m1] = team_share(M, tid, team, RB);
+    project_rows_avx2(gp, N, bptr, RP, xap, s, up, dB_t, m0, m1);
+    if (dxp != nullptr) adapter_rows_avx2(up, RP, r, ap, nullptr, dxp, K, m0, m1);
+    outer_rows_avx2(up, RP, r, xp, K, dA_t, m0, m1);
+#pragma omp barrier
+    const auto [n0, n1] = team_share(N, tid, team);
+    sum_partials(pp, part_len, team, RP, r, s, dBp, n0, n1);  // dB = s g^T xa
+    const auto [j0, j1] = team_share(r, tid, team);
+    sum_partials(pp + N * RP, part_len, team, K, K, 1.0f, dAp, j0, j1);
+  });
+  if (compute_dx) dx.addmm_(g, weight);
+  return {dx, dA, dB};
 }
 #endif
 
@@ -554,6 +685,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_blas(
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, bool compute_dx) {
   using A = acc_t<T>;
   static_assert(std::is_same_v<A, T>, "fp32 / fp64 only");
+#ifdef GSLORA_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx2_fma())
+      return bwd_avx2(g, x, weight, lora_A, lora_B, xa, scaling, compute_dx);
+  }
+#endif
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   const int64_t RP = padded_rank(r);
   const int nthreads = at::get_num_threads();
@@ -568,39 +705,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_blas(
     T* dBp = dB_part.data_ptr<T>();
     const T s = static_cast<T>(scaling);
     parallel_rows(M, [&](int64_t tid, int64_t m0, int64_t m1) {
-      T* dBt = dBp + tid * N * RP;
-#ifdef GSLORA_HAVE_AVX2_PATH
-      if constexpr (std::is_same_v<T, float>) {
-        if (cpu_has_avx2_fma()) return project_rows_avx2(gp, N, Bptr, RP, xap, s, up, dBt, m0, m1);
-      }
-#endif
-      RowKernels<T>::k1(gp, N, nullptr, T(1), s, Bptr, RP, up, xap, dBt, m0, m1);
+      RowKernels<T>::k1(gp, N, nullptr, T(1), s, Bptr, RP, up, xap, dBp + tid * N * RP, m0, m1);
     });
   }
   at::Tensor dx = compute_dx ? at::empty({M, K}, x.options()) : at::empty({0}, x.options());
-  at::Tensor dA;
-#ifdef GSLORA_HAVE_AVX2_PATH
-  if constexpr (std::is_same_v<T, float>) {
-    if (cpu_has_avx2_fma()) {
-      // One pass over the rows: dx = (s u) A written once (the adapter kernel of the forward,
-      // with A as its [r, K] right factor) and this thread's partial of dA = (s u)^T x.
-      at::Tensor dA_part = at::zeros({nthreads, r, K}, x.options());
-      const float *up = us.const_data_ptr<float>(), *ap = lora_A.const_data_ptr<float>();
-      const float* xp = x.const_data_ptr<float>();
-      float *dxp = compute_dx ? dx.data_ptr<float>() : nullptr, *dAp = dA_part.data_ptr<float>();
-      parallel_rows(M, [&](int64_t tid, int64_t m0, int64_t m1) {
-        if (dxp != nullptr) adapter_rows_avx2(up, RP, r, ap, nullptr, dxp, K, m0, m1);
-        outer_rows_avx2(up, RP, r, xp, K, dAp + tid * r * K, m0, m1);
-      });
-      dA = reduce_thread_partials<float>(dA_part, K, 1.0);
-    }
-  }
-#endif
   const at::Tensor u_r = us.narrow(1, 0, r);  // [M, r] view, row stride RP (BLAS takes it as is)
-  if (!dA.defined()) {
-    if (compute_dx) at::mm_out(dx, u_r, lora_A);
-    dA = at::mm(u_r.t(), x);
-  }
+  if (compute_dx) at::mm_out(dx, u_r, lora_A);
+  const at::Tensor dA = at::mm(u_r.t(), x);
   // s u A is in dx; the GEMM adds g W with beta = 1, reading dx inside its microkernel. Measured
   // as fast as g W_eff for every M (which costs two passes over [N, K]).
   if (compute_dx) dx.addmm_(g, weight);
