@@ -563,40 +563,49 @@ at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_A,
 }
 
 #ifdef GSLORA_HAVE_AVX2_PATH
-// fp32 forward without a merge, with AVX2, in one parallel region: each thread writes its part of
-// A^T [K, RP] (zero-padded) and s B^T [r, N]; after a barrier, for its rows, xa = x A^T and then
-// y = b + xa (s B)^T written once by the adapter kernel (while the rows' xa is hot). Then
-// y += x W^T inside the big GEMM (beta = 1). MKL runs both rank-r products far below the memory
-// speed (the second as slowly as the bias copy of a plain Linear times six at M = 788, N = 2048).
-std::tuple<at::Tensor, at::Tensor> fwd_avx2_unmerged(const at::Tensor& x, const at::Tensor& weight,
-                                                     const c10::optional<at::Tensor>& bias,
-                                                     const at::Tensor& lora_A,
-                                                     const at::Tensor& lora_B, double scaling) {
+// fp32 forward with AVX2, xa and (without a merge) the adapter term in one parallel region: each
+// thread writes its part of A^T [K, RP] (zero-padded) and, without a merge, of s B^T [r, N]; after
+// a barrier, for its rows, xa = x A^T and then y = b + xa (s B)^T written once by the adapter
+// kernel (while the rows' xa is hot). Then the big GEMM: y += x W^T (beta = 1), or with a merge
+// y = b + x W_eff^T. MKL runs both rank-r products far below the memory speed (x A^T at M = 4096
+// took it 0.6-1.7 ms here; the adapter term as slowly as the bias copy of a plain Linear times six
+// at M = 788, N = 2048).
+std::tuple<at::Tensor, at::Tensor> fwd_avx2(const at::Tensor& x, const at::Tensor& weight,
+                                            const c10::optional<at::Tensor>& bias,
+                                            const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                            double scaling, bool merge) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   const int64_t RP = padded_rank(r);
   const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
   at::Tensor At = at::empty({K, RP}, x.options());
-  at::Tensor sBt = at::empty({r, N}, x.options());
+  at::Tensor sBt = merge ? at::Tensor() : at::empty({r, N}, x.options());
   at::Tensor xa_p = at::empty({M, RP}, x.options());
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = merge ? at::Tensor() : at::empty({M, N}, x.options());
   const float *xp = x.const_data_ptr<float>(), *a = lora_A.const_data_ptr<float>();
   const float *bsrc = lora_B.const_data_ptr<float>(), *bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
-  float *at_ = At.data_ptr<float>(), *bt = sBt.data_ptr<float>();
-  float *xap = xa_p.data_ptr<float>(), *yp = y.data_ptr<float>();
+  float *at_ = At.data_ptr<float>(), *bt = merge ? nullptr : sBt.data_ptr<float>();
+  float *xap = xa_p.data_ptr<float>(), *yp = merge ? nullptr : y.data_ptr<float>();
   const float s = static_cast<float>(scaling);
   run_team(M, [&](int tid, int team) {
     const auto [k0, k1] = team_share(K, tid, team);
     for (int64_t k = k0; k < k1; ++k)
       for (int64_t j = 0; j < RP; ++j) at_[k * RP + j] = j < r ? a[j * K + k] : 0.0f;
-    const auto [n0, n1] = team_share(N, tid, team);
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t j = 0; j < r; ++j) bt[j * N + n] = s * bsrc[n * r + j];
+    if (!merge) {
+      const auto [n0, n1] = team_share(N, tid, team);
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t j = 0; j < r; ++j) bt[j * N + n] = s * bsrc[n * r + j];
+    }
 #pragma omp barrier
     const auto [m0, m1] = team_share(M, tid, team, RB);
     xa_rows_avx2(xp, K, at_, RP, xap, m0, m1);
-    adapter_rows_avx2(xap, RP, r, bt, bp, yp, N, m0, m1);
+    if (!merge) adapter_rows_avx2(xap, RP, r, bt, bp, yp, N, m0, m1);
   });
-  y.addmm_(x, weight.t());
+  if (merge) {
+    const at::Tensor w_eff = merged_weight(weight, lora_A, lora_B, scaling);
+    y = b.defined() ? at::addmm(b, x, w_eff.t()) : at::mm(x, w_eff.t());
+  } else {
+    y.addmm_(x, weight.t());
+  }
   at::Tensor xa = RP == r ? xa_p : xa_p.narrow(1, 0, r).contiguous();
   return {y, xa};
 }
@@ -657,8 +666,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_blas(const at::Tensor& x, const at::Tenso
   const bool has_bias = bias.has_value() && bias->defined();
 #ifdef GSLORA_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<T, float>) {
-    if (!merge_forward(M, K, lora_A.size(0)) && cpu_has_avx2_fma())
-      return fwd_avx2_unmerged(x, weight, bias, lora_A, lora_B, scaling);
+    if (cpu_has_avx2_fma())
+      return fwd_avx2(x, weight, bias, lora_A, lora_B, scaling, merge_forward(M, K, lora_A.size(0)));
   }
 #endif
   at::Tensor xa = at::mm(x, lora_A.t());  // [M, r], one read of x
