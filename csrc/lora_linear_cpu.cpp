@@ -3,14 +3,15 @@
 // fp32 / fp64 without dropout (the training hot path; measured on an AMD EPYC with MKL):
 //   forward : xa = x A^T; y = b + x W_eff^T with W_eff = W + s B A when M r > 64 K, else
 //             y = b + xa (s B)^T (written once) and then y += x W^T inside the big GEMM
-//             (beta = 1: y is read in its microkernel). In fp32 on AVX2 CPUs the two rank-r
-//             products are explicit AVX2 kernels (xa_rows_avx2, adapter_rows_avx2), run row
-//             block by row block; otherwise BLAS ([xa | 1] [s B | b]^T for the second).
+//             (beta = 1: y is read in its microkernel). In fp32 on AVX2 CPUs the rank-r
+//             products are explicit AVX2 kernels (xa_rows_avx2, adapter_rows_avx2) in one
+//             parallel region (fwd_avx2); otherwise BLAS ([xa | 1] [s B | b]^T for the second).
 //   backward: ONE fused pass over g gives s u = s g B and dB = s g^T xa (explicit AVX2: BLAS
 //             reads g for these rank-r products at a few GB/s, and g^T xa as BLAS sees it costs
 //             as much as the big GEMM); then one pass over the rows writes dx = (s u) A and
 //             sums dA = (s u)^T x (AVX2: MKL took 3-5x the time of a write of dx / a read of x
-//             for these), and dx += g W inside the big GEMM (beta = 1). Without AVX2: BLAS.
+//             for these), and dx += g W inside the big GEMM (beta = 1). In fp32 with AVX2 all
+//             but the GEMM run in one parallel region (bwd_avx2). Without AVX2: BLAS.
 //   With a dropout mask W_eff is not an identity, so masked calls and the 16-bit dtypes take
 //   the fused row-block kernels below (whose u / dB pass is the same AVX2 kernel for fp32).
 //
@@ -365,8 +366,8 @@ __attribute__((target("avx2,fma"))) GSLORA_INLINE void project_range_avx2(
   if (c < RP) project_pass_avx2<8, 1, HAS_D>(g, N, Bp, RP, c, xa, sv, us, D, m0, m1);
 }
 
-// D [N, RP] (zero on entry) = the g^T xa sum over rows [m0, m1), kRowSumBlock rows at a time: the
-// first block straight into D, later ones in a scratch block then added to D.
+// D [N, RP] += the g^T xa sum over rows [m0, m1), kRowSumBlock rows at a time: the first block
+// straight into D, later ones in a scratch block then added to D.
 __attribute__((target("avx2,fma"))) void project_rows_avx2(const float* g, int64_t N,
                                                            const float* Bp, int64_t RP,
                                                            const float* xa, float s, float* us,
@@ -465,7 +466,7 @@ __attribute__((target("avx2,fma"))) GSLORA_INLINE void outer_cols_avx2(
   }
 }
 
-// D [r, K] += (s u)^T x over the rows [m0, m1) (this thread's partial of dA; D zero on entry), in
+// D [r, K] += (s u)^T x over the rows [m0, m1) (this thread's partial of dA), in
 // blocks of kOuterRows rows, each swept 8 columns of x by up to 8 rows of D at a time. (Row
 // blocks of x in registers with a chain through each D chunk, as before, ran 1.2-1.5x slower with
 // x in L2 or L3 at r = 16: the chains were as long as the block.) MKL reads x for this rank-r
