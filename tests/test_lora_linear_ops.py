@@ -126,6 +126,34 @@ def test_low_precision_as_accurate_as_eager(backend, device, dtype, M, K, N, r, 
         )
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "M,K,N,r",
+    # The fp32 AVX2 path splits rows, A^T / s B^T columns and the partial sums' reduction over
+    # the threads of one region: rows crossing 256-row sum blocks and 64-row dA blocks, ranks
+    # with 16- and 8-column passes and padding (13, 24), K and N tails, a merged forward (M r >
+    # 64 K), M below two 32-row blocks (one thread) and a team with an odd row split.
+    [(600, 37, 45, 13), (1100, 64, 48, 16), (70, 31, 17, 24), (63, 24, 40, 5), (33, 40, 24, 8),
+     (257, 385, 1537, 9)],
+)
+def test_float32_fused_path_per_thread_count(threads, M, K, N, r):
+    x, W, b, A, B, mask, keep = _inputs(M, K, N, r, torch.float32, "cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, g = _run("cpu", x, W, b, A, B, 0.37, mask, keep)
+        _, _, _, dA0, dB0 = _run("cpu", x, W, b, A, B, 0.37, mask, keep, compute_dx=False, g=g)[0]
+    finally:
+        torch.set_num_threads(before)
+    ref = _ref64(x, W, b, A, B, 0.37, mask, keep, g)
+    eager = _eager(x, W, b, A, B, 0.37, mask, keep, g)
+    floor = 4 * torch.finfo(torch.float32).eps
+    for name, o, e, ea in zip(NAMES, out, ref, eager, strict=True):
+        assert _err(o, e) <= 2 * _err(ea, e) + floor * e.abs().max().item(), name
+    # Without dx the same dA and dB, bit for bit.
+    assert torch.equal(dA0, out[3]) and torch.equal(dB0, out[4])
+
+
 @pytest.mark.parametrize("backend,device", COMPILED)
 @pytest.mark.parametrize("dtype,dropout", [(torch.float64, 0.3), (torch.float32, 0.0)])
 def test_compute_dx_false_returns_empty_dx(backend, device, dtype, dropout):
