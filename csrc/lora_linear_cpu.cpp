@@ -447,7 +447,7 @@ __attribute__((target("avx2,fma"))) void adapter_rows_avx2(const float* xa, int6
 // D[j0 + j, k:k+8] += sum over the rows [m0, m1) of us[m, j0 + j] x[m, k:k+8], j < JN: JN
 // independent FMA chains over the rows, each D chunk loaded and stored once per call. PREFETCH:
 // also fetch the next cache line of each row of x, which the walk after next reads (the walk down
-// the rows defeats the hardware prefetcher: with x out of cache it ran 2x slower without).
+// the rows defeats the hardware prefetcher: with x in memory it ran 1.4-1.5x slower without).
 template <int JN, bool PREFETCH>
 __attribute__((target("avx2,fma"))) GSLORA_INLINE void outer_cols_avx2(
     const float* __restrict us, int64_t RP, int64_t j0, const float* __restrict x, int64_t K,
@@ -468,8 +468,9 @@ __attribute__((target("avx2,fma"))) GSLORA_INLINE void outer_cols_avx2(
 
 // D [r, K] += (s u)^T x over the rows [m0, m1) (this thread's partial of dA), in
 // blocks of kOuterRows rows, each swept 8 columns of x by up to 8 rows of D at a time. (Row
-// blocks of x in registers with a chain through each D chunk, as before, ran 1.2-1.5x slower with
-// x in L2 or L3 at r = 16: the chains were as long as the block.) MKL reads x for this rank-r
+// blocks of x in registers with a chain through each D chunk, as before, ran 1.3-1.5x slower with
+// x in L2 or L3 at r = 16: the chains were as long as the block; with x in memory that order
+// streams x better and was up to 1.6x faster, at K = 768, r = 8.) MKL reads x for this rank-r
 // product at a fraction of the memory speed.
 constexpr int64_t kOuterRows = 64;
 
