@@ -1,6 +1,6 @@
-"""What ``torch.compile`` traces in place of ``gslora._C``'s direct entry points to the group ops.
+"""What ``torch.compile`` traces in place of ``gslora._C``'s direct entry points to its ops.
 
-Eager code calls the group ops through ``gslora._C.<op>``, a C function that skips the
+Eager code calls the group ops and the LoRA linear through ``gslora._C.<op>``, a C function that skips the
 conversion of every argument that a ``torch.ops`` call makes (csrc/python_module.cpp). Dynamo
 cannot trace a C function, so each one is registered with a polyfill that calls the same op
 through ``torch.ops.gslora``, which dynamo records with its fake kernel (gslora/_fake.py).

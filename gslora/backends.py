@@ -206,11 +206,13 @@ class ExtensionBackend:
         if _ext.load_error() is None:
             from . import _C
 
-            # The group ops are gslora._C's direct entry points, as instance attributes: they
-            # skip torch.ops' argument conversion (~8 µs a call, as much as a ViT's whole prox)
-            # and a wrapper method's Python call; torch.compile traces torch.ops.gslora in their
-            # place (_polyfills.py). group_lasso_penalty has a C++ autograd kernel.
-            for op in ("group_sq_norms", "group_scale", "group_prox_", "group_lasso_penalty"):
+            # The group ops and the LoRA linear are gslora._C's direct entry points, as instance
+            # attributes: they skip torch.ops' argument conversion (~8 µs a call, as much as a
+            # ViT's whole prox) and a wrapper method's Python call; torch.compile traces
+            # torch.ops.gslora in their place (_polyfills.py). lora_linear and
+            # group_lasso_penalty have C++ autograd kernels.
+            for op in ("group_sq_norms", "group_scale", "group_prox_", "group_lasso_penalty",
+                       "lora_linear"):
                 setattr(self, op, getattr(_C, op))
             self._fused_adamw_prox_ = _C.adamw_prox_  # behind adamw_prox_'s kernel check
             # It writes .grad, which exists above autograd only, so its kernel is registered for
@@ -235,12 +237,6 @@ class ExtensionBackend:
 
     def lora_linear_fwd(self, x, weight, bias, lora_A, lora_B, scaling, mask=None, keep_scale=1.0):
         return torch.ops.gslora.lora_linear_fwd(
-            x, weight, bias, lora_A, lora_B, float(scaling), mask, float(keep_scale)
-        )
-
-    def lora_linear(self, x, weight, bias, lora_A, lora_B, scaling, mask=None, keep_scale=1.0):
-        # y with a C++ autograd kernel over the fwd / bwd ops: no Python autograd.Function.
-        return torch.ops.gslora.lora_linear.default(
             x, weight, bias, lora_A, lora_B, float(scaling), mask, float(keep_scale)
         )
 
