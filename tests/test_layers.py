@@ -138,3 +138,42 @@ def test_zero_size_input():
     assert y.shape == (0, 4)
     y.sum().backward()
     assert (layer.lora_A.grad == 0).all()
+
+
+def test_activation_checkpointing_and_saved_tensor_hooks():
+    # The compiled backend's layer call releases the GIL in C++ (gslora._C.lora_linear); Python
+    # pack / unpack hooks (which non-reentrant checkpointing installs) must still run, and the
+    # gradients must be the plain call's.
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = _trained(GSLoRALinear(16, 24, r=4, lora_alpha=8))
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    leaves = (x, layer.lora_A, layer.lora_B)
+
+    def grads(run):
+        for t in leaves:
+            t.grad = None
+        run().backward()
+        return [t.grad.clone() for t in leaves]
+
+    want = grads(lambda: layer(x).square().sum())
+    calls = {"pack": 0, "unpack": 0}
+
+    def pack(t):
+        calls["pack"] += 1
+        return t
+
+    def unpack(t):
+        calls["unpack"] += 1
+        return t
+
+    def hooked():
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return layer(x).square().sum()
+
+    for got in (grads(hooked),
+                grads(lambda: checkpoint(lambda t: layer(t).square().sum(), x, use_reentrant=False))):
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w)
+    assert calls["pack"] > 0 and calls["unpack"] > 0
