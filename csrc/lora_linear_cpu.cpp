@@ -263,6 +263,23 @@ inline std::pair<int64_t, int64_t> team_share(int64_t n, int tid, int team, int6
   return {std::min(n, units * tid / team * unit), std::min(n, units * (tid + 1) / team * unit)};
 }
 
+// out[i, :cols] = scale * (the sum over t < team of parts[t * stride + i * ld + :cols]), added in
+// thread order, for the rows [i0, i1): the per-thread partial sums of dB and dA reduced (plain
+// loops: the default clone vectorises them; a few hundred KB at most).
+template <typename T>
+void sum_partials(const T* parts, int64_t stride, int team, int64_t ld, int64_t cols, T scale,
+                  T* out, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    T* o = out + i * cols;
+    const T* p = parts + i * ld;
+    for (int64_t j = 0; j < cols; ++j) o[j] = p[j];
+    for (int t = 1; t < team; ++t)
+      for (int64_t j = 0; j < cols; ++j) o[j] += p[t * stride + j];
+    if (scale != T(1))
+      for (int64_t j = 0; j < cols; ++j) o[j] *= scale;
+  }
+}
+
 // [rows, cols] -> [rows, RP] in the accumulate dtype, zero-padded: padded columns of P give
 // padded columns of out that are exactly zero and never read back.
 at::Tensor pad_cols(const at::Tensor& t, int64_t RP, at::ScalarType acc) {
@@ -502,23 +519,6 @@ __attribute__((target("avx2,fma"))) void outer_rows_avx2(const float* us, int64_
   }
 }
 
-// out[i, :cols] = scale * (the sum over t < team of parts[t * stride + i * ld + :cols]), added in
-// thread order, for the rows [i0, i1): the per-thread partial sums of dB and dA reduced.
-__attribute__((target("avx2,fma"))) void sum_partials(const float* parts, int64_t stride,
-                                                      int team, int64_t ld, int64_t cols,
-                                                      float scale, float* out, int64_t i0,
-                                                      int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) {
-    float* o = out + i * cols;
-    const float* p = parts + i * ld;
-    for (int64_t j = 0; j < cols; ++j) o[j] = p[j];
-    for (int t = 1; t < team; ++t)
-      for (int64_t j = 0; j < cols; ++j) o[j] += p[t * stride + j];
-    if (scale != 1.0f)
-      for (int64_t j = 0; j < cols; ++j) o[j] *= scale;
-  }
-}
-
 bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
@@ -540,21 +540,13 @@ constexpr int64_t kMergeWork = 64;
 bool merge_forward(int64_t M, int64_t K, int64_t r) { return M * r > kMergeWork * K; }
 
 // out [N, r] = s * sum over threads of the partial sums part [T, N, RP] (columns r.. of the
-// padding dropped), in one loop: the ATen sum / narrow / mul / contiguous chain cost more than the
-// reduction itself. dB = s g^T xa from its partials (the path without AVX2 and fp64).
+// padding dropped): dB = s g^T xa from its partials (the path without AVX2 and fp64).
 template <typename T>
 at::Tensor reduce_thread_partials(const at::Tensor& part, int64_t r, double scaling) {
   const int64_t nthreads = part.size(0), N = part.size(1), RP = part.size(2);
   at::Tensor out = at::empty({N, r}, part.options());
-  const T* src = part.const_data_ptr<T>();
-  T* dst = out.data_ptr<T>();
-  const T s = static_cast<T>(scaling);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t j = 0; j < r; ++j) {
-      T sum = src[n * RP + j];
-      for (int64_t t = 1; t < nthreads; ++t) sum += src[(t * N + n) * RP + j];
-      dst[n * r + j] = sum * s;
-    }
+  sum_partials<T>(part.const_data_ptr<T>(), N * RP, static_cast<int>(nthreads), RP, r,
+                  static_cast<T>(scaling), out.data_ptr<T>(), 0, N);
   return out;
 }
 
@@ -650,9 +642,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_avx2(
     outer_rows_avx2(up, RP, r, xp, K, dA_t, m0, m1);
 #pragma omp barrier
     const auto [n0, n1] = team_share(N, tid, team);
-    sum_partials(pp, part_len, team, RP, r, s, dBp, n0, n1);  // dB = s g^T xa
+    sum_partials<float>(pp, part_len, team, RP, r, s, dBp, n0, n1);  // dB = s g^T xa
     const auto [j0, j1] = team_share(r, tid, team);
-    sum_partials(pp + N * RP, part_len, team, K, K, 1.0f, dAp, j0, j1);
+    sum_partials<float>(pp + N * RP, part_len, team, K, K, 1.0f, dAp, j0, j1);
   });
   if (compute_dx) dx.addmm_(g, weight);
   return {dx, dA, dB};

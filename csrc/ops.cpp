@@ -3,7 +3,7 @@
 // The CPU kernels register in lora_linear_cpu.cpp and group_ops_cpu.cpp, the CUDA kernels in
 // cuda/gslora_cuda.cu, the device-agnostic autograd ops in lora_linear_autograd.cpp and
 // group_autograd.cpp, the fake (meta) kernels for torch.compile in gslora/_fake.py, and the Python
-// module with direct entry points to the group ops in python_module.cpp.
+// module with direct entry points to some of the ops in python_module.cpp.
 #include <torch/library.h>
 
 TORCH_LIBRARY(gslora, m) {

@@ -1,5 +1,5 @@
 """Loading of the compiled extension ``gslora._C`` (the ``torch.ops.gslora`` ops and direct
-entry points to the group ops).
+entry points to the group ops and the LoRA linear).
 
 The pure-Python parts of gslora work without it (the ``torch`` backend); the fused CPU and CUDA
 backends need it. ``load_error()`` says why it is missing and how to rebuild it.
