@@ -10,7 +10,12 @@ How a comparison runs (:func:`compare`):
    The number of rounds adapts to the measured cost (``target_s`` of timed work per provider on
    average, clamped to ``[min_reps, max_reps]``). Calls faster than ``min_sample_s`` with no
    setup are repeated ``inner`` times per sample so the timer resolution does not dominate.
-3. Statistics: median, p20 and p80 of the per-call times (seconds).
+3. Statistics: median, p20 and p80 of the per-call times (seconds), and every sample (in round
+   order). A provider's ratio to the baseline is the median of the per-round ratios (round ``i``
+   of one over round ``i`` of the other, which ran next to each other), not the ratio of the two
+   medians: this VM has slow spells of seconds, and pairing the rounds cancels what a spell does
+   to both, where the ratio of medians takes each provider's spread in full
+   (:func:`paired_ratio`; the ratio of medians is kept in each record too).
 4. Peak memory, in a separate un-timed call (so the measurement never perturbs the timings):
    * ``cuda``: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the call.
    * ``cpu``: PyTorch has no CPU peak counter, and tracemalloc does not see ATen's allocator, so
@@ -67,6 +72,7 @@ __all__ = [
     "base_parser",
     "resolve_device",
     "BenchRun",
+    "paired_ratio",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -133,11 +139,23 @@ class Measurement:
             "p20_s": self.p20_s,
             "p80_s": self.p80_s,
             "reps": len(self.times_s),
+            "times_s": list(self.times_s),
             "inner": self.inner,
             "first_call_s": self.first_call_s,
             "peak_bytes": self.peak_bytes,
             "error": self.error,
         }
+
+
+def paired_ratio(times_a: Sequence[float] | None, times_b: Sequence[float] | None) -> float | None:
+    """Median over rounds of ``times_a[i] / times_b[i]``: two providers' samples of one
+    :func:`compare` (round ``i`` of each ran in the same round). None unless both have the same
+    number of rounds (at least one) and every sample is positive."""
+    if not times_a or not times_b or len(times_a) != len(times_b):
+        return None
+    if min(times_a) <= 0 or min(times_b) <= 0:
+        return None
+    return statistics.median(a / b for a, b in zip(times_a, times_b, strict=True))
 
 
 def _sync(device: torch.device) -> None:
@@ -610,18 +628,22 @@ class BenchRun:
     def add(self, case_label: str, params: Mapping[str, Any], phase: str,
             results: Mapping[str, Measurement], baseline: str | None = None,
             provider_info: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
-        """Record (and print) one case × phase; ``ratio`` = median / the baseline's median."""
+        """Record (and print) one case × phase; ``ratio`` = the median of the per-round ratios to
+        the baseline (:func:`paired_ratio`), ``ratio_of_medians`` = median / the baseline's."""
         base = results.get(baseline) if baseline else None
-        base_med = base.median_s if base is not None else None
+        base_ok = base is not None and base.ok
         new = []
         rows = []
         for name, m in results.items():
-            ratio = (m.median_s / base_med) if (m.median_s is not None and base_med) else None
+            ratio = of_medians = None
+            if m.ok and base_ok:
+                of_medians = m.median_s / base.median_s
+                ratio = paired_ratio(m.times_s, base.times_s) or of_medians  # same rounds: always paired
             rec = {
                 "type": "result", "bench": self.bench, "run_id": self.run_id,
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "case": case_label, "params": dict(params), "phase": phase,
-                "baseline": baseline, "ratio_vs_baseline": ratio,
+                "baseline": baseline, "ratio_vs_baseline": ratio, "ratio_of_medians": of_medians,
                 **m.record(),
                 "info": dict((provider_info or {}).get(name, {})),
             }
@@ -633,7 +655,8 @@ class BenchRun:
         table = format_table(self.HEADERS, rows, self.WIDTHS)
         lines = table.splitlines()
         if not self._printed_header:
-            print("(ratio = median / median of the baseline provider; times per call)")
+            print("(ratio = median over rounds of time / the baseline provider's time in the same "
+                  "round; times per call)")
             print("\n".join(lines[:2]))
             self._printed_header = True
         print("\n".join(lines[2:]), flush=True)

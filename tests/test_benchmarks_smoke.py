@@ -7,6 +7,7 @@ reports failures, writes JSON lines and renders the report.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -74,6 +75,26 @@ def test_compare_rejects_bad_settings():
         compare({"a": Case(lambda _: None)}, "cpu", min_reps=5, max_reps=2)
 
 
+def test_paired_ratio_cancels_a_slow_spell_that_the_ratio_of_medians_keeps():
+    # Provider a costs 1.05x b; a slow spell (1.5x) starts in round 3 between b's call and a's.
+    # The ratio of medians takes the spell into a's median and not b's; the paired one does not.
+    b = [1.0, 1.0, 1.0, 1.0, 1.5, 1.5]
+    a = [1.05, 1.05, 1.05, 1.575, 1.575, 1.575]
+    assert statistics.median(a) / statistics.median(b) == pytest.approx(1.3125)
+    assert harness.paired_ratio(a, b) == pytest.approx(1.05)
+    assert harness.paired_ratio(a, b[:-1]) is None  # not the same rounds
+    assert harness.paired_ratio([], []) is None and harness.paired_ratio(a, None) is None
+    ra = {"run_id": "r", "bench": "x", "device": "cpu", "case": "c", "phase": "p",
+          "median_s": statistics.median(a), "times_s": a}
+    rb = {**ra, "median_s": statistics.median(b), "times_s": b}
+    assert report.ratio(ra, rb) == pytest.approx(1.05)
+    # Samples of different comparisons (or none, as in older records): the ratio of medians.
+    assert report.ratio(ra, {**rb, "phase": "q"}) == pytest.approx(ra["median_s"] / rb["median_s"])
+    assert report.ratio({k: v for k, v in ra.items() if k != "times_s"}, rb) == pytest.approx(
+        ra["median_s"] / rb["median_s"])
+    assert report.ratio(ra, {**rb, "median_s": None}) is None
+
+
 def test_format_table_aligns_columns():
     text = harness.format_table(("name", "ms"), [("a", "1.5"), ("longer", "12.25")])
     lines = text.splitlines()
@@ -104,8 +125,13 @@ def test_bench_lora_linear_tiny_run_writes_records_and_report(tmp_path, capsys):
         assert r["error"] is None, r
         assert r["reps"] == 2 and r["median_s"] > 0 and r["peak_bytes"] is not None
         assert r["baseline"] == "plain"
+        assert len(r["times_s"]) == 2 and r["median_s"] == pytest.approx(statistics.median(r["times_s"]))
     plain = [r for r in results if r["provider"] == "plain"]
     assert all(r["ratio_vs_baseline"] == pytest.approx(1.0) for r in plain)
+    for r in results:  # the paired ratio, the ratio of medians beside it
+        base = next(p for p in plain if p["phase"] == r["phase"])
+        assert r["ratio_vs_baseline"] == pytest.approx(harness.paired_ratio(r["times_s"], base["times_s"]))
+        assert r["ratio_of_medians"] == pytest.approx(r["median_s"] / base["median_s"])
 
     md = report.main([str(out)])
     assert "## LoRA linear (issue 2) — cpu, float32" in md
