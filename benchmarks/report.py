@@ -461,7 +461,8 @@ def machine_section(d: Data) -> list[str]:
                      f"compare with the CPU count above): {', '.join(la)}")
     lines.append("")
     for m in d.metas:
-        lines.append(f"* `{m['command'].strip()}` — run `{m['run_id']}`, {m['time']}, {m['dtype']}")
+        lines.append(f"* `{m['command'].strip()}` — run `{m['run_id']}`, {m['time']}, {m['dtype']}"
+                     f"; allocator: {m.get('allocator', 'default (not recorded)')}")
     return lines
 
 

@@ -95,6 +95,33 @@ def test_paired_ratio_cancels_a_slow_spell_that_the_ratio_of_medians_keeps():
     assert report.ratio(ra, {**rb, "median_s": None}) is None
 
 
+def test_keep_freed_memory_keeps_a_freed_block_in_the_process():
+    # In subprocesses: the setting lasts for the whole process that makes it. A 64 MiB tensor,
+    # written and freed: by default glibc gives it back to the OS at once (mmap / munmap); once
+    # keep_freed_memory is set it stays resident for the next allocation.
+    import platform
+    import subprocess
+
+    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); import torch; "
+            "from benchmarks.harness import keep_freed_memory; "
+            "print(keep_freed_memory() if sys.argv[2] == 'keep' else 'default'); "
+            "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'); "
+            "before = rss(); t = torch.ones(16 * 2**20); del t; print((rss() - before) // 2**20)")
+
+    def run(mode: str) -> tuple[str, int]:
+        lines = subprocess.run([sys.executable, "-c", code, str(ROOT), mode], capture_output=True,
+                               text=True, check=True).stdout.split()
+        return " ".join(lines[:-1]), int(lines[-1])
+
+    if platform.libc_ver()[0] != "glibc":
+        assert run("keep")[0] == "None"
+        return
+    setting, kept_mib = run("keep")
+    assert setting.startswith("glibc mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1)")
+    assert kept_mib >= 60
+    assert run("default")[1] < 8
+
+
 def test_format_table_aligns_columns():
     text = harness.format_table(("name", "ms"), [("a", "1.5"), ("longer", "12.25")])
     lines = text.splitlines()
@@ -112,6 +139,7 @@ def test_bench_lora_linear_tiny_run_writes_records_and_report(tmp_path, capsys):
         "--quick", "--kn", "32x48", "--m", "16", "--r", "4",
         "--providers", "gslora,reference,peft,plain", "--out", str(out),
         "--warmup", "1", "--min-reps", "2", "--max-reps", "2", "--target-time", "0.001",
+        "--default-allocator",  # keep_freed_memory would stay set in the test process
     ])
     printed = capsys.readouterr().out
     assert "M=16 K=32 N=48 r=4" in printed and "fwd+bwd" in printed
@@ -119,6 +147,7 @@ def test_bench_lora_linear_tiny_run_writes_records_and_report(tmp_path, capsys):
     assert lines == json.loads(json.dumps(records))
     meta, results = lines[0], lines[1:]
     assert meta["type"] == "meta" and meta["machine"]["torch"] == torch.__version__
+    assert meta["allocator"] == "default"
     assert {(r["phase"], r["provider"]) for r in results} == {
         (ph, pr) for ph in ("fwd", "bwd", "fwd+bwd") for pr in ("gslora", "reference", "peft", "plain")}
     for r in results:
