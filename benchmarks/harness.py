@@ -529,12 +529,13 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 def keep_freed_memory() -> str | None:
     """Make glibc keep the memory a process frees (no trimming of the heap, no mmap for big
-    blocks), so that no provider pays, at random rounds, for the kernel zeroing the pages of a
-    block the allocator gave back and took again. Timed ad hoc here: an M=4096, K=384 LoRA
-    layer's 24 MiB output, when its pages were new, added ~8 ms to a ~100 ms call, in some rounds
-    of either provider, depending on where the heap stood. Every provider runs under the same setting (PyTorch's CPU
-    tuning guide recommends jemalloc or tcmalloc for the same reason). Returns what was set, or
-    None where the C library is not glibc."""
+    blocks), as a caching allocator (jemalloc, tcmalloc: PyTorch's CPU tuning guide recommends
+    one) would: a block that the allocator gave back costs page faults, the kernel zeroing every
+    page, when it is taken again. Off by default (``--keep-freed-memory`` turns it on): glibc's
+    default is what most users run, and under it an implementation's [M, N] temporaries pay
+    these faults on every call (above 32 MiB glibc always maps a block afresh), which is part of
+    what such temporaries cost. Every provider of a run runs under the same setting; the meta
+    record says which. Returns what was set, or None where the C library is not glibc."""
     import ctypes
 
     try:
@@ -571,9 +572,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--target-time", type=float, default=1.0,
                    help="seconds of timed work per provider and case (sets the rounds)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
-    p.add_argument("--default-allocator", action="store_true",
-                   help="leave glibc's malloc as it is (by default freed memory is kept: see "
-                        "keep_freed_memory in benchmarks/harness.py)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc keeps freed memory, as a caching allocator would (see "
+                        "keep_freed_memory in benchmarks/harness.py); default: glibc's defaults")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's choice, all usable cores)")
     return p
@@ -628,7 +629,7 @@ class BenchRun:
                 raise SystemExit(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
         self.dtype = dtype
-        allocator = None if getattr(args, "default_allocator", False) else keep_freed_memory()
+        allocator = keep_freed_memory() if getattr(args, "keep_freed_memory", False) else None
         self.run_id = args.run_id or _dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         self.out = args.out if args.out is not None else RESULTS_DIR / f"{bench}.jsonl"
         self.records: list[dict[str, Any]] = []

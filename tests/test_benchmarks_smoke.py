@@ -139,7 +139,6 @@ def test_bench_lora_linear_tiny_run_writes_records_and_report(tmp_path, capsys):
         "--quick", "--kn", "32x48", "--m", "16", "--r", "4",
         "--providers", "gslora,reference,peft,plain", "--out", str(out),
         "--warmup", "1", "--min-reps", "2", "--max-reps", "2", "--target-time", "0.001",
-        "--default-allocator",  # keep_freed_memory would stay set in the test process
     ])
     printed = capsys.readouterr().out
     assert "M=16 K=32 N=48 r=4" in printed and "fwd+bwd" in printed
