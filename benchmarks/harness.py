@@ -13,8 +13,8 @@ How a comparison runs (:func:`compare`):
 3. Statistics: median, p20 and p80 of the per-call times (seconds), and every sample (in round
    order). A provider's ratio to the baseline is the median of the per-round ratios (round ``i``
    of one over round ``i`` of the other, which ran next to each other), not the ratio of the two
-   medians: this VM has slow spells of seconds, and pairing the rounds cancels what a spell does
-   to both, where the ratio of medians takes each provider's spread in full
+   medians: a shared virtual machine has slow spells of seconds, and pairing the rounds cancels
+   what a spell does to both, where the ratio of medians takes each provider's spread in full
    (:func:`paired_ratio`; the ratio of medians is kept in each record too).
 4. Peak memory, in a separate un-timed call (so the measurement never perturbs the timings):
    * ``cuda``: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the call.
@@ -538,12 +538,11 @@ def keep_freed_memory() -> str | None:
     record says which. Returns what was set, or None where the C library is not glibc."""
     import ctypes
 
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return None
     if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
         return None
     if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, -1)):
         return None
