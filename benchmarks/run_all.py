@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the report to write (default BENCHMARKS.md at the repository root)")
     p.add_argument("--no-report", action="store_true", help="only run, do not write the report")
     p.add_argument("--threads", type=int, default=None, help="passed to every script")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="passed to every script: glibc keeps freed memory, as a caching allocator "
+                        "would (default: glibc's defaults; see benchmarks/harness.py)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per script before it is stopped")
     args = p.parse_args(argv)
 
@@ -73,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd.append("--quick")
         if args.threads is not None:
             cmd += ["--threads", str(args.threads)]
+        if args.keep_freed_memory:
+            cmd.append("--keep-freed-memory")
         print(f"\n$ {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -100,7 +101,6 @@ def test_keep_freed_memory_keeps_a_freed_block_in_the_process():
     # written and freed: by default glibc gives it back to the OS at once (mmap / munmap); once
     # keep_freed_memory is set it stays resident for the next allocation.
     import platform
-    import subprocess
 
     code = ("import os, sys; sys.path.insert(0, sys.argv[1]); import torch; "
             "from benchmarks.harness import keep_freed_memory; "
@@ -120,6 +120,29 @@ def test_keep_freed_memory_keeps_a_freed_block_in_the_process():
     assert setting.startswith("glibc mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1)")
     assert kept_mib >= 60
     assert run("default")[1] < 8
+
+
+def test_run_all_passes_its_options_to_every_script(tmp_path, monkeypatch):
+    from benchmarks import run_all
+
+    commands = []
+
+    def fake_run(cmd, **kw):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(run_all.subprocess, "run", fake_run)
+    out = tmp_path / "suite.jsonl"
+    assert run_all.main(["--only", "lora_linear,group_sparsity", "--quick", "--threads", "1",
+                         "--keep-freed-memory", "--no-report", "--out", str(out)]) == 0
+    assert [c[2] for c in commands] == ["benchmarks.bench_lora_linear", "benchmarks.bench_group_sparsity"]
+    for cmd in commands:
+        assert "--quick" in cmd and "--keep-freed-memory" in cmd and cmd[cmd.index("--threads") + 1] == "1"
+    run = json.loads(out.read_text().splitlines()[-1])
+    assert run["type"] == "run" and [s["rc"] for s in run["steps"]] == [0, 0]
+    commands.clear()
+    run_all.main(["--only", "ffn", "--no-report", "--out", str(out)])
+    assert "--keep-freed-memory" not in commands[0]
 
 
 def test_format_table_aligns_columns():
