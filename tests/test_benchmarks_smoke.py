@@ -99,13 +99,15 @@ def test_paired_ratio_cancels_a_slow_spell_that_the_ratio_of_medians_keeps():
 def test_keep_freed_memory_keeps_a_freed_block_in_the_process():
     # In subprocesses: the setting lasts for the whole process that makes it. A 64 MiB tensor,
     # written and freed: by default glibc gives it back to the OS at once (mmap / munmap); once
-    # keep_freed_memory is set it stays resident for the next allocation.
+    # keep_freed_memory is set it stays resident for the next allocation. (A first CI run
+    # counted 8 MiB of other growth with the default: the bound is half the block.)
     import platform
 
     code = ("import os, sys; sys.path.insert(0, sys.argv[1]); import torch; "
             "from benchmarks.harness import keep_freed_memory; "
             "print(keep_freed_memory() if sys.argv[2] == 'keep' else 'default'); "
             "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'); "
+            "torch.ones(1024).sum(); "  # torch's lazy initialisation (thread pools) before the count
             "before = rss(); t = torch.ones(16 * 2**20); del t; print((rss() - before) // 2**20)")
 
     def run(mode: str) -> tuple[str, int]:
@@ -119,7 +121,8 @@ def test_keep_freed_memory_keeps_a_freed_block_in_the_process():
     setting, kept_mib = run("keep")
     assert setting.startswith("glibc mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1)")
     assert kept_mib >= 60
-    assert run("default")[1] < 8
+    # Half the block: what else the process grows by meanwhile (a few MiB) stays well below.
+    assert run("default")[1] < 32
 
 
 def test_run_all_passes_its_options_to_every_script(tmp_path, monkeypatch):
