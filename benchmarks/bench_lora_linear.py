@@ -4,9 +4,6 @@ Shapes of ViT-S/B FFN linears (K, N = 384/1536 and 768/3072), M = 256 and 4096 r
 r = 8 and 16, s = lora_alpha / r with lora_alpha = 1 (the authors' setting). Providers:
 
 * ``gslora``        ``GSLoRALinear``, default backend (the compiled ``cpu`` one when gslora._C is built)
-* ``gslora-blas``   (CPU only) the same with the forward's frozen product in BLAS, as ``nn.Linear``
-                    computes it, instead of oneDNN (``gslora.backends.set_cpu_gemm``): its ratio to
-                    ``plain`` is the adapter's own cost over the same GEMMs
 * ``reference``     ``GSLoRALinear(backend="torch")``: the plain-PyTorch specification
 * ``peft``          PEFT LoRA on ``nn.Linear``, eager
 * ``peft+compile``  the same under ``torch.compile`` (compile time is in ``first_call_s``)
@@ -39,27 +36,9 @@ from .common import (
 from .harness import BenchRun, base_parser, require_float_dtype, select_providers
 
 BENCH = "lora_linear"
-PROVIDERS = ("gslora", "gslora-blas", "reference", "peft", "peft+compile", "plain")
+PROVIDERS = ("gslora", "reference", "peft", "peft+compile", "plain")
 FULL = {"kn": [(384, 1536), (768, 3072)], "m": [256, 4096], "r": [8, 16]}
 QUICK = {"kn": [(384, 1536)], "m": [256], "r": [8]}
-
-
-class _WithCpuGemm(nn.Module):
-    """Calls ``module`` with the cpu backend's GEMM library set to ``gemm``, restored after."""
-
-    def __init__(self, module: nn.Module, gemm: str) -> None:
-        super().__init__()
-        self.module = module
-        self.gemm = gemm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from gslora.backends import set_cpu_gemm
-
-        previous = set_cpu_gemm(self.gemm)
-        try:
-            return self.module(x)
-        finally:
-            set_cpu_gemm(previous)
 
 
 class _Wrap(nn.Module):
@@ -100,9 +79,6 @@ def build_providers(names: Sequence[str], K: int, N: int, r: int, device: torch.
             if name == "gslora":
                 mods[name] = to_gslora(base, ["fc"], r, 1.0, factors)
                 info[name] = {"backend": gslora_backend_name(device)}
-            elif name == "gslora-blas":
-                mods[name] = _WithCpuGemm(to_gslora(base, ["fc"], r, 1.0, factors, backend="cpu"), "blas")
-                info[name] = {"backend": "cpu", "cpu_gemm": "blas"}
             elif name == "reference":
                 mods[name] = to_gslora(base, ["fc"], r, 1.0, factors, backend="torch")
                 info[name] = {"backend": "torch"}
@@ -130,8 +106,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     ms = _ints(args.m, "--m") if args.m else grid["m"]
     ranks = _ints(args.r, "--r") if args.r else grid["r"]
     names = select_providers(args.providers, PROVIDERS)
-    if args.device != "cpu" and "gslora-blas" in names:  # a setting of the cpu backend only
-        names.remove("gslora-blas")
     dtype = require_float_dtype(args.dtype)
     run = BenchRun(BENCH, args, dtype=dtype, argv=argv)
     dev = run.device

@@ -395,13 +395,11 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     }
     try:
         import gslora
-        from gslora.backends import cpu_gemm_status, describe_backends, select_backend
+        from gslora.backends import describe_backends, select_backend
 
         info["gslora"] = gslora.__version__
         info["gslora_backend"] = select_backend(device).name
         info["gslora_backends"] = describe_backends(device)
-        if info["gslora_backend"] == "cpu":
-            info["gslora_cpu_gemm"] = cpu_gemm_status()
     except Exception as exc:  # the report must still say what happened
         info["gslora"] = f"import failed: {_error_text(exc)}"
     return info

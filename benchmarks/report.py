@@ -185,14 +185,6 @@ def targets(d: Data, device: str = "cpu") -> list[tuple[str, str, str]]:
         out.append(("LoRA linear fwd+bwd ≤ 1.10× the frozen plain Linear, every shape",
                     f"{sum(v <= 1.10 for v in vals)}/{len(cases)} shapes within; gslora / plain {_rng(vals)}, worst at {worst}",
                     _status(None if len(vals) < len(cases) else all(v <= 1.10 for v in vals))))
-        blas = [v for v in (ratio(d.one("lora_linear", device, "fwd+bwd", "gslora-blas", c),
-                                  d.one("lora_linear", device, "fwd+bwd", "plain", c)) for c in cases)
-                if v is not None]
-        if blas:
-            out.append(("the same with gslora's frozen product in BLAS like the plain Linear's "
-                        "(`gslora-blas`: the adapter's own cost; no separate target)",
-                        f"{sum(v <= 1.10 for v in blas)}/{len(cases)} shapes within 1.10×; "
-                        f"gslora-blas / plain {_rng(blas)}", "–"))
         big = [c for c in cases if "M=4096" in c]
         speed = {c: ratio(*reversed(pair(c, "peft"))) for c in big}
         sv = [v for v in speed.values() if v is not None]
@@ -304,16 +296,6 @@ def analysis(d: Data, device: str) -> list[str]:
             + ((f"{min(over):+.0f}%" if max(over) - min(over) < 1 else f"{min(over):+.0f}% to {max(over):+.0f}%") if over else "–")
             + f". The plain-PyTorch reference is {ref} the time of gslora and PEFT eager "
             f"{peft} (values above 1× mean gslora is faster).")
-        blas = _rng(ratio(d.one("lora_linear", device, "fwd+bwd", "gslora-blas", c),
-                          d.one("lora_linear", device, "fwd+bwd", "plain", c)) for c in cases)
-        if d.find("lora_linear", device, provider="gslora-blas"):
-            paras.append(
-                "Part of that is the GEMM library, not the adapter: the cpu backend's fp32 forward "
-                "computes its frozen product x·Wᵀ + b with oneDNN's inner product (shipped in "
-                "PyTorch) where the plain `nn.Linear` uses BLAS (MKL's sgemm); the backward's "
-                "dx = g·W is BLAS in both. With BLAS for the forward too (`gslora-blas`, "
-                "`GSLORA_CPU_GEMM=blas`) GSLoRALinear costs "
-                f"{blas} of the plain layer (fwd+bwd): that is the adapter's own cost.")
     # FFN.
     cases = d.cases("ffn", device)
     if cases:
@@ -468,9 +450,7 @@ def machine_section(d: Data) -> list[str]:
                 f"(git {mc.get('git')}), numpy {mc.get('numpy')}, triton {mc.get('triton')}"
                 + (f", peft {mc['peft']}" if mc.get("peft") else "")
                 + (f", timm {mc['timm']}" if mc.get("timm") else ""))
-            lines.append(f"* gslora backends: {str(mc.get('gslora_backends', '')).replace(chr(10), '; ')}"
-                         + (f"; GEMM of the cpu backend's fp32 forward: {mc['gslora_cpu_gemm']}"
-                            if mc.get("gslora_cpu_gemm") else ""))
+            lines.append(f"* gslora backends: {str(mc.get('gslora_backends', '')).replace(chr(10), '; ')}")
             lines.append(f"* peak memory: {m.get('peak_memory_method')}")
     several = len(d.devices()) > 1
     loads = [((f"{m['device']} " if several else "") + m["bench"], m["machine"].get("loadavg"),

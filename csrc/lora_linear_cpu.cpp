@@ -3,8 +3,7 @@
 // fp32 / fp64 without dropout (the training hot path; measured on an AMD EPYC with MKL):
 //   forward : xa = x A^T; y = b + x W_eff^T with W_eff = W + s B A when M r > 64 K, else
 //             y = b + xa (s B)^T (written once) and then y += x W^T inside the big GEMM
-//             (beta = 1: y is read in its microkernel). In fp32 the big product runs in oneDNN
-//             where PyTorch has it (cpu_gemm.cpp; then y = b + x W^T first, y += xa (s B)^T). In fp32 on AVX2 CPUs the rank-r
+//             (beta = 1: y is read in its microkernel). In fp32 on AVX2 CPUs the rank-r
 //             products are explicit AVX2 kernels (xa_rows_avx2, adapter_rows_avx2) in one
 //             parallel region (fwd_avx2); otherwise BLAS ([xa | 1] [s B | b]^T for the second).
 //   backward: ONE fused pass over g gives s u = s g B and dB = s g^T xa (explicit AVX2: BLAS
@@ -46,7 +45,6 @@
 #include <vector>
 
 #include "checks.h"
-#include "cpu_gemm.h"
 #include "gslora_math.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -416,11 +414,10 @@ __attribute__((target("avx2,fma"))) void xa_rows_avx2(const float* x, int64_t K,
 }
 
 // y[m, :] = b + xa[m, :r] sBt for the rows [m0, m1): the adapter term (and the bias) written once
-// into y, which the big GEMM then accumulates into with beta = 1; with ACC, y[m, :] += xa[m, :r] sBt
-// (y already holds the GEMM's result; b unused). xa [M, RP], sBt [r, N] = s B^T, b [N] or null.
-// 16 columns x NR rows per register block (12 accumulators for NR = 6, 1.2-1.3x faster than
-// NR = 4 here); each sBt row load serves NR rows.
-template <int NR, bool ACC>
+// into y, which the big GEMM then accumulates into with beta = 1. xa [M, RP], sBt [r, N] = s B^T,
+// b [N] or null. 16 columns x NR rows per register block (12 accumulators for NR = 6, 1.2-1.3x
+// faster than NR = 4 here); each sBt row load serves NR rows.
+template <int NR>
 __attribute__((target("avx2,fma"))) GSLORA_INLINE void adapter_block_avx2(
     const float* __restrict xa, int64_t RP, int64_t r, const float* __restrict sBt,
     const float* __restrict b, float* __restrict y, int64_t N, int64_t m) {
@@ -430,8 +427,8 @@ __attribute__((target("avx2,fma"))) GSLORA_INLINE void adapter_block_avx2(
     const __m256 b0 = b ? _mm256_loadu_ps(b + n) : _mm256_setzero_ps();
     const __m256 b1 = b ? _mm256_loadu_ps(b + n + 8) : _mm256_setzero_ps();
     for (int i = 0; i < NR; ++i) {
-      acc[i][0] = ACC ? _mm256_loadu_ps(y + (m + i) * N + n) : b0;
-      acc[i][1] = ACC ? _mm256_loadu_ps(y + (m + i) * N + n + 8) : b1;
+      acc[i][0] = b0;
+      acc[i][1] = b1;
     }
     for (int64_t j = 0; j < r; ++j) {
       const __m256 v0 = _mm256_loadu_ps(sBt + j * N + n);
@@ -449,20 +446,19 @@ __attribute__((target("avx2,fma"))) GSLORA_INLINE void adapter_block_avx2(
   }
   for (; n < N; ++n)  // column tail
     for (int i = 0; i < NR; ++i) {
-      float v = ACC ? y[(m + i) * N + n] : b ? b[n] : 0.0f;
+      float v = b ? b[n] : 0.0f;
       for (int64_t j = 0; j < r; ++j) v += xa[(m + i) * RP + j] * sBt[j * N + n];
       y[(m + i) * N + n] = v;
     }
 }
 
-template <bool ACC>
 __attribute__((target("avx2,fma"))) void adapter_rows_avx2(const float* xa, int64_t RP, int64_t r,
                                                            const float* sBt, const float* b,
                                                            float* y, int64_t N, int64_t m0,
                                                            int64_t m1) {
   int64_t m = m0;
-  for (; m + 6 <= m1; m += 6) adapter_block_avx2<6, ACC>(xa, RP, r, sBt, b, y, N, m);
-  for (; m < m1; ++m) adapter_block_avx2<1, ACC>(xa, RP, r, sBt, b, y, N, m);
+  for (; m + 6 <= m1; m += 6) adapter_block_avx2<6>(xa, RP, r, sBt, b, y, N, m);
+  for (; m < m1; ++m) adapter_block_avx2<1>(xa, RP, r, sBt, b, y, N, m);
 }
 
 // D[j0 + j, k:k+8] += sum over the rows [m0, m1) of us[m, j0 + j] x[m, k:k+8], j < JN: JN
@@ -563,13 +559,11 @@ at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_A,
 #ifdef GSLORA_HAVE_AVX2_PATH
 // fp32 forward with AVX2, xa and (without a merge) the adapter term in one parallel region: each
 // thread writes its part of A^T [K, RP] (zero-padded) and, without a merge, of s B^T [r, N]; after
-// a barrier, for its rows, xa = x A^T and then the adapter kernel, while the rows' xa is hot. The
-// big product: with a merge, y = b + x W_eff^T after the region. Without, through BLAS: the
-// adapter kernel writes y = b + xa (s B)^T once and the GEMM adds x W^T (beta = 1) after the
-// region; through oneDNN (cpu_gemm.cpp), which has no such accumulate, y = b + x W^T before the
-// region and the adapter kernel adds xa (s B)^T to it. MKL runs both rank-r products far below the
-// memory speed (x A^T at M = 4096 took it 0.6-1.7 ms here; the adapter term as slowly as the bias
-// copy of a plain Linear times six at M = 788, N = 2048).
+// a barrier, for its rows, xa = x A^T and then y = b + xa (s B)^T written once by the adapter
+// kernel (while the rows' xa is hot). Then the big GEMM: y += x W^T (beta = 1), or with a merge
+// y = b + x W_eff^T. MKL runs both rank-r products far below the memory speed (x A^T at M = 4096
+// took it 0.6-1.7 ms here; the adapter term as slowly as the bias copy of a plain Linear times six
+// at M = 788, N = 2048).
 std::tuple<at::Tensor, at::Tensor> fwd_avx2(const at::Tensor& x, const at::Tensor& weight,
                                             const c10::optional<at::Tensor>& bias,
                                             const at::Tensor& lora_A, const at::Tensor& lora_B,
@@ -580,10 +574,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_avx2(const at::Tensor& x, const at::Tenso
   at::Tensor At = at::empty({K, RP}, x.options());
   at::Tensor sBt = merge ? at::Tensor() : at::empty({r, N}, x.options());
   at::Tensor xa_p = at::empty({M, RP}, x.options());
-  const bool onednn = use_onednn_linear();
-  at::Tensor y = merge    ? at::Tensor()
-                 : onednn ? onednn_linear(x, weight, b)
-                          : at::empty({M, N}, x.options());
+  at::Tensor y = merge ? at::Tensor() : at::empty({M, N}, x.options());
   const float *xp = x.const_data_ptr<float>(), *a = lora_A.const_data_ptr<float>();
   const float *bsrc = lora_B.const_data_ptr<float>(), *bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   float *at_ = At.data_ptr<float>(), *bt = merge ? nullptr : sBt.data_ptr<float>();
@@ -601,16 +592,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_avx2(const at::Tensor& x, const at::Tenso
 #pragma omp barrier
     const auto [m0, m1] = team_share(M, tid, team, RB);
     xa_rows_avx2(xp, K, at_, RP, xap, m0, m1);
-    if (!merge && onednn) adapter_rows_avx2<true>(xap, RP, r, bt, nullptr, yp, N, m0, m1);
-    if (!merge && !onednn) adapter_rows_avx2<false>(xap, RP, r, bt, bp, yp, N, m0, m1);
+    if (!merge) adapter_rows_avx2(xap, RP, r, bt, bp, yp, N, m0, m1);
   });
   if (merge) {
     const at::Tensor w_eff = merged_weight(weight, lora_A, lora_B, scaling);
-    if (onednn)
-      y = onednn_linear(x, w_eff, b);
-    else
-      y = b.defined() ? at::addmm(b, x, w_eff.t()) : at::mm(x, w_eff.t());
-  } else if (!onednn) {
+    y = b.defined() ? at::addmm(b, x, w_eff.t()) : at::mm(x, w_eff.t());
+  } else {
     y.addmm_(x, weight.t());
   }
   at::Tensor xa = RP == r ? xa_p : xa_p.narrow(1, 0, r).contiguous();
@@ -651,7 +638,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_avx2(
     std::fill(dB_t, dB_t + part_len, 0.0f);
     const auto [m0, m1] = team_share(M, tid, team, RB);
     project_rows_avx2(gp, N, bptr, RP, xap, s, up, dB_t, m0, m1);
-    if (dxp != nullptr) adapter_rows_avx2<false>(up, RP, r, ap, nullptr, dxp, K, m0, m1);
+    if (dxp != nullptr) adapter_rows_avx2(up, RP, r, ap, nullptr, dxp, K, m0, m1);
     outer_rows_avx2(up, RP, r, xp, K, dA_t, m0, m1);
 #pragma omp barrier
     const auto [n0, n1] = team_share(N, tid, team);

@@ -7,11 +7,8 @@
 // whole ViT takes. These functions take the same arguments, convert them with pybind11's casters
 // (~0.06 µs per tensor) and call the op through the dispatcher, so autograd, version counters,
 // the device kernels and Python dispatch modes work as through torch.ops. torch.compile traces
-// torch.ops in their place (gslora/_polyfills.py). Also here: the choice of the CPU forward's
-// GEMM library (cpu_gemm.h).
+// torch.ops in their place (gslora/_polyfills.py).
 #include <torch/extension.h>
-
-#include "cpu_gemm.h"
 
 #include <optional>
 #include <tuple>
@@ -93,10 +90,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("state_steps"), py::arg("group_ids"), py::arg("num_groups"),
         py::arg("thresholds"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("adam_metric"));
-  // std::invalid_argument becomes ValueError.
-  m.def("set_cpu_gemm", &gslora::set_cpu_gemm, py::arg("name"),
-        "Which library computes the frozen product of the fp32 CPU forward: auto, onednn or "
-        "blas. Returns the previous setting.");
-  m.def("cpu_gemm_status", &gslora::cpu_gemm_status,
-        "'<setting>: oneDNN' or '<setting>: BLAS (<why not oneDNN>)'.");
 }

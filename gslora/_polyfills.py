@@ -17,11 +17,10 @@ from . import _C
 
 __all__: list[str] = []
 
-# The entry points of csrc/python_module.cpp to ops (the module's functions named like an op of
-# torch.ops.gslora; the others are settings); each takes the arguments of its op's schema.
+# The entry points of csrc/python_module.cpp (the module's functions, named like their ops); each
+# takes the arguments of its op's schema.
 ENTRY_POINTS = tuple(name for name, obj in vars(_C).items()
-                     if not name.startswith("_") and inspect.isbuiltin(obj)
-                     and hasattr(torch.ops.gslora, name))
+                     if not name.startswith("_") and inspect.isbuiltin(obj))
 
 
 def _register(name: str) -> None:

@@ -18,11 +18,6 @@ do it.
 Selection: an explicit ``backend=`` argument, else the ``GSLORA_BACKEND`` environment variable,
 else the first backend of the device's preference list that accepts the inputs. An explicit
 request that cannot be served raises :class:`BackendError` listing every reason.
-
-Within the ``cpu`` backend, the frozen product of the fp32 forward (x Wᵀ + b) runs in oneDNN,
-which PyTorch ships, where it can (``auto``), else in BLAS like ``nn.Linear``:
-:func:`set_cpu_gemm` (or ``GSLORA_CPU_GEMM=auto|onednn|blas`` before the first call) chooses,
-:func:`cpu_gemm_status` says what runs.
 """
 
 from __future__ import annotations
@@ -42,8 +37,6 @@ __all__ = [
     "backend_names",
     "select_backend",
     "describe_backends",
-    "set_cpu_gemm",
-    "cpu_gemm_status",
 ]
 
 # Fastest first. The reference ``torch`` backend always works and closes every list.
@@ -169,29 +162,6 @@ def describe_backends(device: torch.device | str | None = None, only_available: 
             continue
         lines.append(f"{name}: " + ("available" if reason is None else f"unavailable ({reason})"))
     return ", ".join(lines) if only_available else "\n".join(lines)
-
-
-def _extension() -> Any:
-    error = _ext.load_error()
-    if error is not None:
-        raise BackendError(error)
-    from . import _C
-
-    return _C
-
-
-def set_cpu_gemm(name: str) -> str:
-    """Which library computes the frozen product x Wᵀ + b of the ``cpu`` backend's fp32 forward:
-    ``"auto"`` (oneDNN where this PyTorch has it and ``torch.backends.mkldnn.enabled``, else
-    BLAS), ``"onednn"`` (the same, but a ValueError where PyTorch has no oneDNN) or ``"blas"``
-    (what ``nn.Linear`` uses). Returns the previous setting. Process-wide, like
-    ``torch.set_num_threads``; the backward's dx = g W always runs in BLAS."""
-    return _extension().set_cpu_gemm(name)
-
-
-def cpu_gemm_status() -> str:
-    """``"<setting>: oneDNN"`` or ``"<setting>: BLAS (<why not oneDNN>)"``."""
-    return _extension().cpu_gemm_status()
 
 
 class TorchBackend:

@@ -6,8 +6,8 @@ import platform
 
 import torch
 
-from . import __version__, _ext
-from .backends import cpu_gemm_status, describe_backends
+from . import __version__
+from .backends import describe_backends
 
 
 def info_text() -> str:
@@ -28,6 +28,4 @@ def info_text() -> str:
     for device in devices:
         lines.append(f"backends for {device} tensors:")
         lines.extend("  " + line for line in describe_backends(device).splitlines())
-    if _ext.load_error() is None:
-        lines.append(f"GEMM of the cpu backend's fp32 forward: {cpu_gemm_status()}")
     return "\n".join(lines)

@@ -8,9 +8,6 @@ accurate as eager PyTorch in that precision: err(kernel vs fp64 ref) <= 2 * err(
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -129,20 +126,6 @@ def test_low_precision_as_accurate_as_eager(backend, device, dtype, M, K, N, r, 
         )
 
 
-@pytest.fixture
-def cpu_gemm():
-    """Sets the cpu backend's GEMM library for one test (``cpu_gemm("blas")``), then restores it."""
-    previous = []
-
-    def use(name):
-        previous.append(gslora.backends.set_cpu_gemm(name))
-
-    yield use
-    if previous:
-        gslora.backends.set_cpu_gemm(previous[0])
-
-
-@pytest.mark.parametrize("gemm", ["onednn", "blas"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "M,K,N,r",
@@ -153,10 +136,8 @@ def cpu_gemm():
     [(600, 37, 45, 13), (1100, 64, 48, 16), (70, 31, 17, 24), (63, 24, 40, 5), (33, 40, 24, 8),
      (257, 385, 1537, 9)],
 )
-def test_float32_fused_path_per_thread_count(cpu_gemm, gemm, threads, M, K, N, r):
-    # Either library for the forward's frozen product; odd M without a bias.
-    x, W, b, A, B, mask, keep = _inputs(M, K, N, r, torch.float32, "cpu", bias=M % 2 == 0)
-    cpu_gemm(gemm)
+def test_float32_fused_path_per_thread_count(threads, M, K, N, r):
+    x, W, b, A, B, mask, keep = _inputs(M, K, N, r, torch.float32, "cpu")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -171,61 +152,6 @@ def test_float32_fused_path_per_thread_count(cpu_gemm, gemm, threads, M, K, N, r
         assert _err(o, e) <= 2 * _err(ea, e) + floor * e.abs().max().item(), name
     # Without dx the same dA and dB, bit for bit.
     assert torch.equal(dA0, out[3]) and torch.equal(dB0, out[4])
-
-
-def test_cpu_gemm_setting(cpu_gemm):
-    # PyTorch's x86-64 wheels ship oneDNN; "auto" uses it unless torch.backends.mkldnn is off.
-    assert torch.backends.mkldnn.is_available()
-    cpu_gemm("auto")
-    assert gslora.backends.cpu_gemm_status() == "auto: oneDNN"
-    assert gslora.backends.set_cpu_gemm("blas") == "auto"
-    assert gslora.backends.cpu_gemm_status() == "blas: BLAS"
-    assert gslora.backends.set_cpu_gemm("onednn") == "blas"
-    assert gslora.backends.cpu_gemm_status() == "onednn: oneDNN"
-    with pytest.raises(ValueError, match="auto, onednn or blas, got 'cublas'"):
-        gslora.backends.set_cpu_gemm("cublas")
-    assert gslora.backends.cpu_gemm_status() == "onednn: oneDNN"
-
-    # Merged (M r > 64 K) and unmerged forwards, with and without bias: the two libraries agree
-    # to fp32 rounding, and xa does not depend on them at all.
-    for M, K, N, r, bias in [(70, 48, 80, 8, True), (70, 48, 80, 8, False), (600, 40, 56, 8, True)]:
-        x, W, b, A, B, _, _ = _inputs(M, K, N, r, torch.float32, "cpu", bias=bias)
-        y64 = reference.lora_linear_fwd(x.double(), W.double(), None if b is None else b.double(),
-                                        A.double(), B.double(), 0.5, None, 1.0)[0]
-        outs = {}
-        for gemm in ("onednn", "blas"):
-            gslora.backends.set_cpu_gemm(gemm)
-            outs[gemm] = torch.ops.gslora.lora_linear_fwd(x, W, b, A, B, 0.5, None, 1.0)
-        assert torch.equal(outs["onednn"][1], outs["blas"][1])
-        for gemm, (y, _) in outs.items():
-            assert _err(y, y64) <= 1e-5 * y64.abs().max().item(), (gemm, M, bias)
-
-    # torch.backends.mkldnn.enabled = False turns oneDNN off here too.
-    gslora.backends.set_cpu_gemm("auto")
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        assert gslora.backends.cpu_gemm_status() == "auto: BLAS (torch.backends.mkldnn is disabled)"
-        y_off = torch.ops.gslora.lora_linear_fwd(x, W, b, A, B, 0.5, None, 1.0)[0]
-    finally:
-        torch.backends.mkldnn.enabled = enabled
-    assert torch.equal(y_off, outs["blas"][0])
-
-
-@pytest.mark.parametrize("value,expected", [("blas", "blas: BLAS"), ("auto", "auto: oneDNN"),
-                                            ("gemm", "GSLORA_CPU_GEMM must be auto, onednn or blas")])
-def test_cpu_gemm_from_environment(value, expected):
-    code = (
-        "import torch, gslora\n"
-        "try:\n"
-        "    print(gslora.backends.cpu_gemm_status())\n"
-        "except RuntimeError as e:\n"
-        "    print(e)\n"
-    )
-    env = dict(os.environ, GSLORA_CPU_GEMM=value)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True, timeout=120)
-    assert expected in out.stdout, out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("backend,device", COMPILED)
