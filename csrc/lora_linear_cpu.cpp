@@ -3,17 +3,21 @@
 // fp32 / fp64 without dropout (the training hot path; measured on an AMD EPYC with MKL):
 //   forward : xa = x A^T; y = b + x W_eff^T with W_eff = W + s B A when M r > 64 K, else
 //             y = b + xa (s B)^T (written once) and then y += x W^T inside the big GEMM
-//             (beta = 1: y is read in its microkernel). In fp32 on AVX2 CPUs the rank-r
-//             products are explicit AVX2 kernels (xa_rows_avx2, adapter_rows_avx2) in one
-//             parallel region (fwd_avx2); otherwise BLAS ([xa | 1] [s B | b]^T for the second).
-//   backward: ONE fused pass over g gives s u = s g B and dB = s g^T xa (explicit AVX2: BLAS
+//             (beta = 1: y is read in its microkernel). In fp32 the rank-r products are
+//             explicit SIMD kernels (Kernels::xa_rows, adapter_rows) in one parallel region
+//             (fwd_simd); with the "blas" kernels (cpu_kernels.h), BLAS ([xa | 1] [s B | b]^T for
+//             the second).
+//   backward: ONE fused pass over g gives s u = s g B and dB = s g^T xa (explicit SIMD: BLAS
 //             reads g for these rank-r products at a few GB/s, and g^T xa as BLAS sees it costs
 //             as much as the big GEMM); then one pass over the rows writes dx = (s u) A and
-//             sums dA = (s u)^T x (AVX2: MKL took 3-5x the time of a write of dx / a read of x
-//             for these), and dx += g W inside the big GEMM (beta = 1). In fp32 with AVX2 all
-//             but the GEMM run in one parallel region (bwd_avx2). Without AVX2: BLAS.
+//             sums dA = (s u)^T x (SIMD: MKL took 3-5x the time of a write of dx / a read of x
+//             for these), and dx += g W inside the big GEMM (beta = 1). In fp32 all but the GEMM
+//             run in one parallel region (bwd_simd). With the "blas" kernels: BLAS.
+//   The SIMD kernels (lora_simd_kernels.inc) exist for AVX2 and for AVX-512: MKL's GEMM uses
+//   AVX-512 where the CPU has it, twice the multiply-adds per instruction, and the rank-r passes
+//   must keep pace with it.
 //   With a dropout mask W_eff is not an identity, so masked calls and the 16-bit dtypes take
-//   the fused row-block kernels below (whose u / dB pass is the same AVX2 kernel for fp32).
+//   the fused row-block kernels below (whose u / dB pass is the same SIMD kernel for fp32).
 //
 // Fused row-block kernels. The two big products (x W^T in the forward, g W in the backward) go to ATen's GEMM (MKL /
 // oneDNN). Everything the adapter adds is memory traffic over skinny [M, r] products, so it runs
@@ -40,11 +44,19 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "checks.h"
+#include "cpu_kernels.h"
 #include "gslora_math.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -299,231 +311,64 @@ const bool* mask_ptr(const c10::optional<at::Tensor>& mask, at::Tensor& holder) 
 }
 
 // ---------------------------------------------------------------------------------------------
-// fp32 "project" pass of the backward with explicit AVX2 (the generic K1 above compiles to
-// partly scalar code and measured ~12 cycles per element of g; this one ~1-2): for the rows
-// [m0, m1) of g [M, N] and the padded rank RP,
-//   us[m, :] = s * sum_n g[m, n] Bp[n, :]          (s u = s g B)
-//   D[n, :] += sum_m g[m, n] xa[m, :]               (g^T xa, this thread's partial)
-// in passes over 16 columns (CW = 2 chunks of 8) with NR = 4 rows, then a last 8-column chunk
-// with NR = 8: each pass keeps NR x CW independent FMA chains for us and CW for D in flight, and
-// each load of Bp[n] / D[n] serves NR rows. (One chunk per pass with 4 rows, as before, ran the
-// r = 16 pass 1.3-1.5x slower: half the chains, and g read once per chunk.) Both sums are blocked
-// (partials of kSumBlock terms over n, kRowSumBlock rows over m, added at the end) so that their
-// rounding error grows like BLAS's, not linearly in N or M.
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#define GSLORA_HAVE_AVX2_PATH 1
-
-constexpr int64_t kSumBlock = 128;
-constexpr int64_t kRowSumBlock = 256;
-
-// Columns [c, c + 8 CW) of the pass above for the NR rows from m. Without HAS_D it is the plain
-// projection us = s g Bp (the forward's xa = x A^T uses it).
-template <int NR, int CW, bool HAS_D>
-__attribute__((target("avx2,fma"))) GSLORA_INLINE void project_block_avx2(
-    const float* __restrict g, int64_t N, const float* __restrict Bp, int64_t RP, int64_t c,
-    const float* __restrict xa, __m256 sv, float* __restrict us, float* __restrict D, int64_t m) {
-  __m256 acc[NR][CW], xv[NR][CW];
-  const float* grow[NR];
-  for (int i = 0; i < NR; ++i) {
-    for (int w = 0; w < CW; ++w) {
-      acc[i][w] = _mm256_setzero_ps();
-      xv[i][w] = HAS_D ? _mm256_loadu_ps(xa + (m + i) * RP + c + 8 * w) : _mm256_setzero_ps();
-    }
-    grow[i] = g + (m + i) * N;
-  }
-  for (int64_t n0 = 0; n0 < N; n0 += kSumBlock) {
-    const int64_t n1 = std::min(N, n0 + kSumBlock);
-    __m256 part[NR][CW];
-    for (int i = 0; i < NR; ++i)
-      for (int w = 0; w < CW; ++w) part[i][w] = _mm256_setzero_ps();
-    const float* bp = Bp + n0 * RP + c;
-    for (int64_t n = n0; n < n1; ++n, bp += RP) {
-      float* dp = HAS_D ? D + n * RP + c : nullptr;
-      __m256 bv[CW], d[CW];
-      for (int w = 0; w < CW; ++w) {
-        bv[w] = _mm256_loadu_ps(bp + 8 * w);
-        d[w] = HAS_D ? _mm256_loadu_ps(dp + 8 * w) : _mm256_setzero_ps();
-      }
-      for (int i = 0; i < NR; ++i) {
-        const __m256 gi = _mm256_broadcast_ss(grow[i] + n);
-        for (int w = 0; w < CW; ++w) {
-          part[i][w] = _mm256_fmadd_ps(gi, bv[w], part[i][w]);
-          if (HAS_D) d[w] = _mm256_fmadd_ps(gi, xv[i][w], d[w]);
-        }
-      }
-      if (HAS_D)
-        for (int w = 0; w < CW; ++w) _mm256_storeu_ps(dp + 8 * w, d[w]);
-    }
-    for (int i = 0; i < NR; ++i)
-      for (int w = 0; w < CW; ++w) acc[i][w] = _mm256_add_ps(acc[i][w], part[i][w]);
-  }
-  for (int i = 0; i < NR; ++i)
-    for (int w = 0; w < CW; ++w)
-      _mm256_storeu_ps(us + (m + i) * RP + c + 8 * w, _mm256_mul_ps(acc[i][w], sv));
-}
-
-template <int NR, int CW, bool HAS_D>
-__attribute__((target("avx2,fma"))) GSLORA_INLINE void project_pass_avx2(
-    const float* g, int64_t N, const float* Bp, int64_t RP, int64_t c, const float* xa, __m256 sv,
-    float* us, float* D, int64_t m0, int64_t m1) {
-  int64_t m = m0;
-  for (; m + NR <= m1; m += NR) project_block_avx2<NR, CW, HAS_D>(g, N, Bp, RP, c, xa, sv, us, D, m);
-  for (; m < m1; ++m) project_block_avx2<1, CW, HAS_D>(g, N, Bp, RP, c, xa, sv, us, D, m);
-}
-
-// Every column of the rows [m0, m1): 16-column passes, then the last 8 columns.
-template <bool HAS_D>
-__attribute__((target("avx2,fma"))) GSLORA_INLINE void project_range_avx2(
-    const float* g, int64_t N, const float* Bp, int64_t RP, const float* xa, __m256 sv,
-    float* us, float* D, int64_t m0, int64_t m1) {
-  int64_t c = 0;
-  for (; c + 16 <= RP; c += 16)
-    project_pass_avx2<4, 2, HAS_D>(g, N, Bp, RP, c, xa, sv, us, D, m0, m1);
-  if (c < RP) project_pass_avx2<8, 1, HAS_D>(g, N, Bp, RP, c, xa, sv, us, D, m0, m1);
-}
-
-// D [N, RP] += the g^T xa sum over rows [m0, m1), kRowSumBlock rows at a time: the first block
-// straight into D, later ones in a scratch block then added to D.
-__attribute__((target("avx2,fma"))) void project_rows_avx2(const float* g, int64_t N,
-                                                           const float* Bp, int64_t RP,
-                                                           const float* xa, float s, float* us,
-                                                           float* D, int64_t m0, int64_t m1) {
-  const __m256 sv = _mm256_set1_ps(s);
-  std::vector<float> part;
-  for (int64_t b0 = m0; b0 < m1; b0 += kRowSumBlock) {
-    const int64_t b1 = std::min(m1, b0 + kRowSumBlock);
-    float* P = D;
-    if (b0 > m0) {
-      part.assign(static_cast<size_t>(N * RP), 0.0f);
-      P = part.data();
-    }
-    project_range_avx2<true>(g, N, Bp, RP, xa, sv, us, P, b0, b1);
-    if (P != D)
-      for (int64_t i = 0; i < N * RP; i += 8)
-        _mm256_storeu_ps(D + i, _mm256_add_ps(_mm256_loadu_ps(D + i), _mm256_loadu_ps(P + i)));
-  }
-}
-
-// xa [M, RP] = x A^T for the rows [m0, m1) of x [M, K], At [K, RP] (the padded A^T): the projection
-// above without D. MKL reads x at a few GB/s for this rank-r product.
-__attribute__((target("avx2,fma"))) void xa_rows_avx2(const float* x, int64_t K, const float* At,
-                                                      int64_t RP, float* xa, int64_t m0,
-                                                      int64_t m1) {
-  project_range_avx2<false>(x, K, At, RP, nullptr, _mm256_set1_ps(1.0f), xa, nullptr, m0, m1);
-}
-
-// y[m, :] = b + xa[m, :r] sBt for the rows [m0, m1): the adapter term (and the bias) written once
-// into y, which the big GEMM then accumulates into with beta = 1. xa [M, RP], sBt [r, N] = s B^T,
-// b [N] or null. 16 columns x NR rows per register block (12 accumulators for NR = 6, 1.2-1.3x
-// faster than NR = 4 here); each sBt row load serves NR rows.
-template <int NR>
-__attribute__((target("avx2,fma"))) GSLORA_INLINE void adapter_block_avx2(
-    const float* __restrict xa, int64_t RP, int64_t r, const float* __restrict sBt,
-    const float* __restrict b, float* __restrict y, int64_t N, int64_t m) {
-  int64_t n = 0;
-  for (; n + 16 <= N; n += 16) {
-    __m256 acc[NR][2];
-    const __m256 b0 = b ? _mm256_loadu_ps(b + n) : _mm256_setzero_ps();
-    const __m256 b1 = b ? _mm256_loadu_ps(b + n + 8) : _mm256_setzero_ps();
-    for (int i = 0; i < NR; ++i) {
-      acc[i][0] = b0;
-      acc[i][1] = b1;
-    }
-    for (int64_t j = 0; j < r; ++j) {
-      const __m256 v0 = _mm256_loadu_ps(sBt + j * N + n);
-      const __m256 v1 = _mm256_loadu_ps(sBt + j * N + n + 8);
-      for (int i = 0; i < NR; ++i) {
-        const __m256 a = _mm256_broadcast_ss(xa + (m + i) * RP + j);
-        acc[i][0] = _mm256_fmadd_ps(a, v0, acc[i][0]);
-        acc[i][1] = _mm256_fmadd_ps(a, v1, acc[i][1]);
-      }
-    }
-    for (int i = 0; i < NR; ++i) {
-      _mm256_storeu_ps(y + (m + i) * N + n, acc[i][0]);
-      _mm256_storeu_ps(y + (m + i) * N + n + 8, acc[i][1]);
-    }
-  }
-  for (; n < N; ++n)  // column tail
-    for (int i = 0; i < NR; ++i) {
-      float v = b ? b[n] : 0.0f;
-      for (int64_t j = 0; j < r; ++j) v += xa[(m + i) * RP + j] * sBt[j * N + n];
-      y[(m + i) * N + n] = v;
-    }
-}
-
-__attribute__((target("avx2,fma"))) void adapter_rows_avx2(const float* xa, int64_t RP, int64_t r,
-                                                           const float* sBt, const float* b,
-                                                           float* y, int64_t N, int64_t m0,
-                                                           int64_t m1) {
-  int64_t m = m0;
-  for (; m + 6 <= m1; m += 6) adapter_block_avx2<6>(xa, RP, r, sBt, b, y, N, m);
-  for (; m < m1; ++m) adapter_block_avx2<1>(xa, RP, r, sBt, b, y, N, m);
-}
-
-// D[j0 + j, k:k+8] += sum over the rows [m0, m1) of us[m, j0 + j] x[m, k:k+8], j < JN: JN
-// independent FMA chains over the rows, each D chunk loaded and stored once per call. PREFETCH:
-// also fetch the next cache line of each row of x, which the walk after next reads (the walk down
-// the rows defeats the hardware prefetcher: with x in memory it ran 1.4-1.5x slower without).
-template <int JN, bool PREFETCH>
-__attribute__((target("avx2,fma"))) GSLORA_INLINE void outer_cols_avx2(
-    const float* __restrict us, int64_t RP, int64_t j0, const float* __restrict x, int64_t K,
-    float* __restrict D, int64_t k, int64_t m0, int64_t m1) {
-  __m256 acc[JN];
-  for (int j = 0; j < JN; ++j) acc[j] = _mm256_setzero_ps();
-  for (int64_t m = m0; m < m1; ++m) {
-    const __m256 xv = _mm256_loadu_ps(x + m * K + k);
-    if (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(x + m * K + k + 16), _MM_HINT_T0);
-    for (int j = 0; j < JN; ++j)
-      acc[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(us + m * RP + j0 + j), xv, acc[j]);
-  }
-  for (int j = 0; j < JN; ++j) {
-    float* d = D + (j0 + j) * K + k;
-    _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), acc[j]));
-  }
-}
-
-// D [r, K] += (s u)^T x over the rows [m0, m1) (this thread's partial of dA), in
-// blocks of kOuterRows rows, each swept 8 columns of x by up to 8 rows of D at a time. (Row
-// blocks of x in registers with a chain through each D chunk, as before, ran 1.3-1.5x slower with
-// x in L2 or L3 at r = 16: the chains were as long as the block; with x in memory that order
-// streams x better and was up to 1.6x faster, at K = 768, r = 8.) MKL reads x for this rank-r
-// product at a fraction of the memory speed.
-constexpr int64_t kOuterRows = 64;
-
-__attribute__((target("avx2,fma"))) void outer_rows_avx2(const float* us, int64_t RP, int64_t r,
-                                                         const float* x, int64_t K, float* D,
-                                                         int64_t m0, int64_t m1) {
-  for (int64_t b0 = m0; b0 < m1; b0 += kOuterRows) {
-    const int64_t b1 = std::min(m1, b0 + kOuterRows);
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-      // Prefetch on the first sweep over each 16-float cache line of the rows.
-      const bool pf = k % 16 == 0 && k + 16 < K;
-      int64_t j = 0;
-      for (; j + 8 <= r; j += 8) {
-        if (pf && j == 0)
-          outer_cols_avx2<8, true>(us, RP, j, x, K, D, k, b0, b1);
-        else
-          outer_cols_avx2<8, false>(us, RP, j, x, K, D, k, b0, b1);
-      }
-      for (; j + 4 <= r; j += 4) outer_cols_avx2<4, false>(us, RP, j, x, K, D, k, b0, b1);
-      for (; j < r; ++j) outer_cols_avx2<1, false>(us, RP, j, x, K, D, k, b0, b1);
-    }
-    for (; k < K; ++k)  // column tail
-      for (int64_t j = 0; j < r; ++j) {
-        float d = 0.0f;
-        for (int64_t m = b0; m < b1; ++m) d += us[m * RP + j] * x[m * K + k];
-        D[j * K + k] += d;
-      }
-  }
-}
-
-bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
+// fp32 kernels with explicit SIMD (the generic K1 above compiles to partly scalar code and
+// measured ~12 cycles per element of g in the backward's project pass; these ~1-2 with AVX2):
+// lora_simd_kernels.inc compiled twice, for AVX2 + FMA and for AVX-512, each in its own
+// namespace. GCC only (#pragma GCC target); other compilers take the BLAS path.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define GSLORA_HAVE_SIMD_PATH 1
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define GSLORA_SIMD_WIDTH 8
+#include "lora_simd_kernels.inc"
+#undef GSLORA_SIMD_WIDTH
+#pragma GCC pop_options
+}  // namespace avx2
+namespace avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx2,fma")
+#define GSLORA_SIMD_WIDTH 16
+#include "lora_simd_kernels.inc"
+#undef GSLORA_SIMD_WIDTH
+#pragma GCC pop_options
+}  // namespace avx512
 #endif
+
+// Which fp32 kernels run (cpu_kernels.h): levels in kLevelNames' order, each needing the ones
+// before it.
+constexpr const char* kLevelNames[] = {"blas", "avx2", "avx512"};
+constexpr int kLevels = 3;
+
+int level_of(const std::string& name, const char* what) {
+  for (int i = 0; i < kLevels; ++i)
+    if (name == kLevelNames[i]) return i;
+  TORCH_CHECK(false, what, ": unknown CPU kernels '", name, "' (one of blas, avx2, avx512)");
+}
+
+// The best level this build and CPU can run.
+int best_level() {
+#ifdef GSLORA_HAVE_SIMD_PATH
+  static const int best = [] {
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? 2 : 1;
+  }();
+  return best;
+#else
+  return 0;
+#endif
+}
+
+// The level in use: the best one, capped by GSLORA_CPU_KERNELS when set (read at the first call).
+std::atomic<int>& selected_level() {
+  static std::atomic<int> level([] {
+    const char* env = std::getenv("GSLORA_CPU_KERNELS");
+    const int best = best_level();
+    return env == nullptr || *env == '\0' ? best
+                                          : std::min(best, level_of(env, "GSLORA_CPU_KERNELS"));
+  }());
+  return level;
+}
 
 // ---------------------------------------------------------------------------------------------
 // fp32 / fp64 without dropout: BLAS for every product, the fused K1 pass only where BLAS is
@@ -556,15 +401,16 @@ at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_A,
   return at::addmm(weight, lora_B, lora_A, /*beta=*/1, /*alpha=*/scaling);
 }
 
-#ifdef GSLORA_HAVE_AVX2_PATH
-// fp32 forward with AVX2, xa and (without a merge) the adapter term in one parallel region: each
-// thread writes its part of A^T [K, RP] (zero-padded) and, without a merge, of s B^T [r, N]; after
+#ifdef GSLORA_HAVE_SIMD_PATH
+// fp32 forward with the SIMD kernels Kern (avx2:: or avx512::Kernels), xa and (without a merge)
+// the adapter term in one parallel region: each thread writes its part of A^T [K, RP] (zero-padded) and, without a merge, of s B^T [r, N]; after
 // a barrier, for its rows, xa = x A^T and then y = b + xa (s B)^T written once by the adapter
 // kernel (while the rows' xa is hot). Then the big GEMM: y += x W^T (beta = 1), or with a merge
 // y = b + x W_eff^T. MKL runs both rank-r products far below the memory speed (x A^T at M = 4096
 // took it 0.6-1.7 ms here; the adapter term as slowly as the bias copy of a plain Linear times six
 // at M = 788, N = 2048).
-std::tuple<at::Tensor, at::Tensor> fwd_avx2(const at::Tensor& x, const at::Tensor& weight,
+template <class Kern>
+std::tuple<at::Tensor, at::Tensor> fwd_simd(const at::Tensor& x, const at::Tensor& weight,
                                             const c10::optional<at::Tensor>& bias,
                                             const at::Tensor& lora_A, const at::Tensor& lora_B,
                                             double scaling, bool merge) {
@@ -591,8 +437,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_avx2(const at::Tensor& x, const at::Tenso
     }
 #pragma omp barrier
     const auto [m0, m1] = team_share(M, tid, team, RB);
-    xa_rows_avx2(xp, K, at_, RP, xap, m0, m1);
-    if (!merge) adapter_rows_avx2(xap, RP, r, bt, bp, yp, N, m0, m1);
+    Kern::xa_rows(xp, K, at_, RP, xap, m0, m1);
+    if (!merge) Kern::adapter_rows(xap, RP, r, bt, bp, yp, N, m0, m1);
   });
   if (merge) {
     const at::Tensor w_eff = merged_weight(weight, lora_A, lora_B, scaling);
@@ -604,14 +450,15 @@ std::tuple<at::Tensor, at::Tensor> fwd_avx2(const at::Tensor& x, const at::Tenso
   return {y, xa};
 }
 
-// fp32 backward with AVX2, in one parallel region. Each thread, for its rows: ONE pass over g for
+// fp32 backward with the SIMD kernels Kern, in one parallel region. Each thread, for its rows: ONE pass over g for
 // s u = s g B and its partial of g^T xa (BLAS reads g at a few GB/s for these rank-r products, and
 // g^T xa as BLAS sees it costs as much as the big GEMM); then one pass over the rows that writes
 // dx = (s u) A and sums its partial of dA = (s u)^T x (MKL took 3-5x the time of a write of dx / a
 // read of x for these). After a barrier each thread adds up its rows of dB and dA from all the
 // partials. Then dx += g W inside the big GEMM (beta = 1): measured as fast as g W_eff for every M
 // (which costs two passes over [N, K]).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_avx2(
+template <class Kern>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_simd(
     const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, bool compute_dx) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
@@ -619,9 +466,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_avx2(
   const at::Tensor Bp = pad_cols(lora_B, RP, at::kFloat);  // [N, RP]
   const at::Tensor xa_p = pad_cols(xa, RP, at::kFloat);    // [M, RP]
   at::Tensor us = at::empty({M, RP}, x.options());         // s u = s g B (padded columns 0)
-  // Per thread: its partial of g^T xa [N, RP], then its partial of dA [r, K].
+  // Per thread: its partial of g^T xa [N, RP], then its partial of dA [r, K], then (when its rows
+  // may span more than one row-sum block) the project pass's scratch block [N, RP].
   const int64_t part_len = N * RP + r * K;
-  at::Tensor parts = at::empty({at::get_num_threads() * part_len}, x.options());
+  const int64_t stride = part_len + (M > Kern::row_sum_block ? N * RP : 0);
+  at::Tensor parts = at::empty({at::get_num_threads() * stride}, x.options());
   at::Tensor dx = compute_dx ? at::empty({M, K}, x.options()) : at::empty({0}, x.options());
   at::Tensor dA = at::empty({r, K}, x.options());
   at::Tensor dB = at::empty({N, r}, x.options());
@@ -633,18 +482,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_avx2(
   float *dAp = dA.data_ptr<float>(), *dBp = dB.data_ptr<float>();
   const float s = static_cast<float>(scaling);
   run_team(M, [&](int tid, int team) {
-    float* dB_t = pp + tid * part_len;
+    float* dB_t = pp + tid * stride;
     float* dA_t = dB_t + N * RP;
     std::fill(dB_t, dB_t + part_len, 0.0f);
     const auto [m0, m1] = team_share(M, tid, team, RB);
-    project_rows_avx2(gp, N, bptr, RP, xap, s, up, dB_t, m0, m1);
-    if (dxp != nullptr) adapter_rows_avx2(up, RP, r, ap, nullptr, dxp, K, m0, m1);
-    outer_rows_avx2(up, RP, r, xp, K, dA_t, m0, m1);
+    Kern::project_rows(gp, N, bptr, RP, xap, s, up, dB_t, dB_t + part_len, m0, m1);
+    if (dxp != nullptr) Kern::adapter_rows(up, RP, r, ap, nullptr, dxp, K, m0, m1);
+    Kern::outer_rows(up, RP, r, xp, K, dA_t, m0, m1);
 #pragma omp barrier
     const auto [n0, n1] = team_share(N, tid, team);
-    sum_partials<float>(pp, part_len, team, RP, r, s, dBp, n0, n1);  // dB = s g^T xa
+    sum_partials<float>(pp, stride, team, RP, r, s, dBp, n0, n1);  // dB = s g^T xa
     const auto [j0, j1] = team_share(r, tid, team);
-    sum_partials<float>(pp + N * RP, part_len, team, K, K, 1.0f, dAp, j0, j1);
+    sum_partials<float>(pp + N * RP, stride, team, K, K, 1.0f, dAp, j0, j1);
   });
   if (compute_dx) dx.addmm_(g, weight);
   return {dx, dA, dB};
@@ -658,10 +507,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_blas(const at::Tensor& x, const at::Tenso
                                             double scaling) {
   const int64_t M = x.size(0), K = x.size(1);
   const bool has_bias = bias.has_value() && bias->defined();
-#ifdef GSLORA_HAVE_AVX2_PATH
+#ifdef GSLORA_HAVE_SIMD_PATH
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu_has_avx2_fma())
-      return fwd_avx2(x, weight, bias, lora_A, lora_B, scaling, merge_forward(M, K, lora_A.size(0)));
+    const bool merge = merge_forward(M, K, lora_A.size(0));
+    switch (selected_level().load()) {
+      case 2: return fwd_simd<avx512::Kernels>(x, weight, bias, lora_A, lora_B, scaling, merge);
+      case 1: return fwd_simd<avx2::Kernels>(x, weight, bias, lora_A, lora_B, scaling, merge);
+      default: break;
+    }
   }
 #endif
   at::Tensor xa = at::mm(x, lora_A.t());  // [M, r], one read of x
@@ -688,10 +541,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_blas(
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, bool compute_dx) {
   using A = acc_t<T>;
   static_assert(std::is_same_v<A, T>, "fp32 / fp64 only");
-#ifdef GSLORA_HAVE_AVX2_PATH
+#ifdef GSLORA_HAVE_SIMD_PATH
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu_has_avx2_fma())
-      return bwd_avx2(g, x, weight, lora_A, lora_B, xa, scaling, compute_dx);
+    switch (selected_level().load()) {
+      case 2: return bwd_simd<avx512::Kernels>(g, x, weight, lora_A, lora_B, xa, scaling, compute_dx);
+      case 1: return bwd_simd<avx2::Kernels>(g, x, weight, lora_A, lora_B, xa, scaling, compute_dx);
+      default: break;
+    }
   }
 #endif
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
@@ -774,12 +630,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(
     const A *Bptr = Bp.data_ptr<A>(), *xap = xa_p.data_ptr<A>();
     A* up = u.data_ptr<A>();
     A* dBp = dB_part.data_ptr<A>();
+#ifdef GSLORA_HAVE_SIMD_PATH
+    // fp32: the SIMD project pass, with a scratch block per thread for its later row-sum blocks.
+    const int level = std::is_same_v<T, float> ? selected_level().load() : 0;
+    at::Tensor scratch = level > 0 ? at::empty({nthreads, N * RP}, u.options()) : at::Tensor();
+#endif
     // One pass over g: u = g B and dB += g^T xa.
     parallel_rows(M, [&](int64_t tid, int64_t m0, int64_t m1) {
       A* dBt = dBp + tid * N * RP;
-#ifdef GSLORA_HAVE_AVX2_PATH
+#ifdef GSLORA_HAVE_SIMD_PATH
       if constexpr (std::is_same_v<T, float>) {
-        if (cpu_has_avx2_fma()) return project_rows_avx2(gp, N, Bptr, RP, xap, A(1), up, dBt, m0, m1);
+        float* sc = level > 0 ? scratch.data_ptr<float>() + tid * N * RP : nullptr;
+        if (level == 2) return avx512::Kernels::project_rows(gp, N, Bptr, RP, xap, 1.0f, up, dBt, sc, m0, m1);
+        if (level == 1) return avx2::Kernels::project_rows(gp, N, Bptr, RP, xap, 1.0f, up, dBt, sc, m0, m1);
       }
 #endif
       RowKernels<T>::k1(gp, N, nullptr, A(1), A(1), Bptr, RP, up, xap, dBt, m0, m1);
@@ -853,6 +716,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
 }
 
 }  // namespace
+
+std::string cpu_kernels() { return kLevelNames[selected_level().load()]; }
+
+std::string set_cpu_kernels(const std::string& name) {
+  const int level = level_of(name, "set_cpu_kernels");
+  TORCH_CHECK(level <= best_level(), "set_cpu_kernels: this CPU or build cannot run the '", name,
+              "' kernels (it can run: ", kLevelNames[best_level()], " and below)");
+  return kLevelNames[selected_level().exchange(level)];
+}
+
+std::vector<std::string> cpu_kernels_supported() {
+  std::vector<std::string> out;
+  for (int i = best_level(); i >= 0; --i) out.emplace_back(kLevelNames[i]);
+  return out;
+}
+
 }  // namespace gslora
 
 TORCH_LIBRARY_IMPL(gslora, CPU, m) {

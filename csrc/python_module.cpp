@@ -10,6 +10,8 @@
 // torch.ops in their place (gslora/_polyfills.py).
 #include <torch/extension.h>
 
+#include "cpu_kernels.h"
+
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -62,6 +64,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                      OptTensor, double)>::make("gslora::lora_linear"),
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_A"), py::arg("lora_B"),
         py::arg("scaling"), py::arg("mask") = py::none(), py::arg("keep_scale") = 1.0);
+  // Settings, in a submodule of their own (the module's own functions are the ops' entry points).
+  auto settings = m.def_submodule("settings", "settings of the compiled kernels");
+  settings.def("cpu_kernels", &gslora::cpu_kernels,
+               "The LoRA linear's fp32 CPU kernels in use: 'avx512', 'avx2' or 'blas'.");
+  settings.def("set_cpu_kernels", &gslora::set_cpu_kernels, py::arg("name"),
+               "Selects the LoRA linear's fp32 CPU kernels (one of cpu_kernels_supported()); "
+               "returns the previous choice.");
+  settings.def("cpu_kernels_supported", &gslora::cpu_kernels_supported,
+               "The LoRA linear's fp32 CPU kernels this build and CPU can run, best first.");
   m.def("group_sq_norms",
         Entry<Tensor(TensorList, IntArrayRef, int64_t)>::make("gslora::group_sq_norms"),
         py::arg("tensors"), py::arg("group_ids"), py::arg("num_groups"));

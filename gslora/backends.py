@@ -37,6 +37,9 @@ __all__ = [
     "backend_names",
     "select_backend",
     "describe_backends",
+    "cpu_kernels",
+    "set_cpu_kernels",
+    "cpu_kernels_supported",
 ]
 
 # Fastest first. The reference ``torch`` backend always works and closes every list.
@@ -160,8 +163,43 @@ def describe_backends(device: torch.device | str | None = None, only_available: 
             if reason is None:
                 lines.append(name)
             continue
-        lines.append(f"{name}: " + ("available" if reason is None else f"unavailable ({reason})"))
+        if reason is None:
+            details = getattr(backend, "details", lambda: None)()
+            lines.append(f"{name}: available" + (f" ({details})" if details else ""))
+        else:
+            lines.append(f"{name}: unavailable ({reason})")
     return ", ".join(lines) if only_available else "\n".join(lines)
+
+
+def _settings() -> Any:
+    error = _ext.load_error()
+    if error is not None:
+        raise BackendError(error)
+    from . import _C
+
+    return _C.settings
+
+
+def cpu_kernels() -> str:
+    """The LoRA linear's fp32 CPU kernels in use: ``'avx512'``, ``'avx2'`` or ``'blas'``.
+
+    The SIMD kernels compute the rank-r products around the frozen GEMM; ``'blas'`` leaves every
+    product to ATen's BLAS (the path of CPUs without AVX2). Default: the best the CPU supports,
+    capped by the ``GSLORA_CPU_KERNELS`` environment variable when set. ``avx512`` and ``avx2``
+    give the same bits.
+    """
+    return _settings().cpu_kernels()
+
+
+def set_cpu_kernels(name: str) -> str:
+    """Selects the fp32 CPU kernels (one of :func:`cpu_kernels_supported`) for the whole
+    process; returns the previous choice."""
+    return _settings().set_cpu_kernels(name)
+
+
+def cpu_kernels_supported() -> list[str]:
+    """The fp32 CPU kernels this build and CPU can run, best first (always ending with 'blas')."""
+    return list(_settings().cpu_kernels_supported())
 
 
 class TorchBackend:
@@ -234,6 +272,12 @@ class ExtensionBackend:
         if device.type != self.device_type:
             return f"serves {self.device_type} tensors only, got {device.type}"
         return None
+
+    def details(self) -> str | None:
+        if self.device_type != "cpu":
+            return None
+        return (f"fp32 LoRA kernels: {cpu_kernels()}; "
+                f"supported: {', '.join(cpu_kernels_supported())}")
 
     def lora_linear_fwd(self, x, weight, bias, lora_A, lora_B, scaling, mask=None, keep_scale=1.0):
         return torch.ops.gslora.lora_linear_fwd(

@@ -8,6 +8,9 @@ accurate as eager PyTorch in that precision: err(kernel vs fp64 ref) <= 2 * err(
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ from torch import nn
 import gslora
 from gslora import functional, reference
 from gslora._ext import load_error
-from gslora.backends import get_backend
+from gslora.backends import cpu_kernels_supported, get_backend, set_cpu_kernels
 
 BACKENDS = [("cpu", "cpu"), ("torch", "cpu")]
 if torch.cuda.is_available():
@@ -126,17 +129,28 @@ def test_low_precision_as_accurate_as_eager(backend, device, dtype, M, K, N, r, 
         )
 
 
+@pytest.fixture(params=["avx512", "avx2", "blas"])
+def cpu_kernels(request):
+    """Runs the test with each of the fp32 CPU kernels this CPU has; a level the CPU lacks is
+    skipped (it cannot run here), with the reason."""
+    if request.param not in cpu_kernels_supported():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    before = set_cpu_kernels(request.param)
+    yield request.param
+    set_cpu_kernels(before)
+
+
+# The fp32 paths split rows, A^T / s B^T columns and the partial sums' reduction over the threads
+# of one region: rows crossing 256-row sum blocks and 64-row dA blocks, ranks with 32-, 16- and
+# 8-column passes and padding (13, 24, 40), K and N tails of the 16- and 8-lane vectors, a merged
+# forward (M r > 64 K), M below two 32-row blocks (one thread) and a team with an odd row split.
+FP32_PATH_SHAPES = [(600, 37, 45, 13), (1100, 64, 48, 16), (70, 31, 17, 24), (63, 24, 40, 5),
+                    (33, 40, 24, 8), (257, 385, 1537, 9), (90, 57, 83, 40), (300, 48, 40, 32)]
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize(
-    "M,K,N,r",
-    # The fp32 AVX2 path splits rows, A^T / s B^T columns and the partial sums' reduction over
-    # the threads of one region: rows crossing 256-row sum blocks and 64-row dA blocks, ranks
-    # with 16- and 8-column passes and padding (13, 24), K and N tails, a merged forward (M r >
-    # 64 K), M below two 32-row blocks (one thread) and a team with an odd row split.
-    [(600, 37, 45, 13), (1100, 64, 48, 16), (70, 31, 17, 24), (63, 24, 40, 5), (33, 40, 24, 8),
-     (257, 385, 1537, 9)],
-)
-def test_float32_fused_path_per_thread_count(threads, M, K, N, r):
+@pytest.mark.parametrize("M,K,N,r", FP32_PATH_SHAPES)
+def test_float32_fused_path_per_thread_count(cpu_kernels, threads, M, K, N, r):
     x, W, b, A, B, mask, keep = _inputs(M, K, N, r, torch.float32, "cpu")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -152,6 +166,54 @@ def test_float32_fused_path_per_thread_count(threads, M, K, N, r):
         assert _err(o, e) <= 2 * _err(ea, e) + floor * e.abs().max().item(), name
     # Without dx the same dA and dB, bit for bit.
     assert torch.equal(dA0, out[3]) and torch.equal(dB0, out[4])
+
+
+@pytest.mark.parametrize("M,K,N,r", FP32_PATH_SHAPES)
+def test_float32_avx512_and_avx2_kernels_agree_bit_for_bit(M, K, N, r):
+    # The two copies of lora_simd_kernels.inc do every output element's float operations in the
+    # same order; only the vector width differs.
+    if "avx512" not in cpu_kernels_supported():
+        pytest.skip("this CPU cannot run the avx512 kernels")
+    x, W, b, A, B, mask, keep = _inputs(M, K, N, r, torch.float32, "cpu")
+    # With a dropout mask, the backward's project pass of the masked path (same kernels).
+    mask = torch.rand(M, K, generator=torch.Generator().manual_seed(3)) >= 0.2
+    outs = {}
+    before = set_cpu_kernels("avx2")
+    try:
+        for name in ("avx2", "avx512"):
+            set_cpu_kernels(name)
+            plain, g = _run("cpu", x, W, b, A, B, 0.37, None, 1.0)
+            masked, _ = _run("cpu", x, W, b, A, B, 0.37, mask, 1.25, g=g)
+            outs[name] = plain + masked
+    finally:
+        set_cpu_kernels(before)
+    for i, (a, e) in enumerate(zip(outs["avx512"], outs["avx2"], strict=True)):
+        assert torch.equal(a, e), f"{NAMES[i % 5]} ({'masked' if i >= 5 else 'plain'})"
+
+
+def test_cpu_kernels_setting():
+    supported = cpu_kernels_supported()
+    assert supported[-1] == "blas" and set(supported) <= {"avx512", "avx2", "blas"}
+    assert gslora.backends.cpu_kernels() == supported[0]  # the best by default
+    before = set_cpu_kernels("blas")
+    try:
+        assert gslora.backends.cpu_kernels() == "blas"
+        with pytest.raises(RuntimeError, match="unknown CPU kernels 'sse'"):
+            set_cpu_kernels("sse")
+        assert "fp32 LoRA kernels: blas" in gslora.describe_backends("cpu")
+    finally:
+        assert set_cpu_kernels(before) == "blas"
+    if "avx512" not in supported:
+        with pytest.raises(RuntimeError, match="cannot run the 'avx512' kernels"):
+            set_cpu_kernels("avx512")
+
+
+def test_cpu_kernels_environment_variable_caps_the_choice():
+    code = "import gslora.backends as b; print(b.cpu_kernels())"
+    env = {**os.environ, "GSLORA_CPU_KERNELS": "blas"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "blas"
 
 
 @pytest.mark.parametrize("backend,device", COMPILED)
