@@ -382,7 +382,7 @@ base layer. The fused path accumulates s·(xAᵀ)Bᵀ into the base output (no s
 keeps only the [M, r] product xAᵀ for the backward, so its extra traffic is O(M·r) instead of
 O(M·N). What remains to the floor is the extra passes over x, g and dx for the thin rank-r
 products (a [M, K] × [K, 8] product is bandwidth-bound, and MKL ran these at a fraction of the
-memory speed, so the CPU backend does them in explicit AVX2 row-block kernels); removing those
+memory speed, so the CPU backend does them in explicit SIMD row-block kernels); removing those
 passes entirely would need the rank-r work inside the GEMM's own tiles (a custom GEMM).
 
 **Group sparsity.** The LoRA parameters of a whole ViT are a few MB; a proximal step has to
