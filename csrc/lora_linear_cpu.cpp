@@ -328,9 +328,14 @@ namespace avx2 {
 namespace avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx2,fma")
+// GCC 12's permute intrinsics pass an undefined vector as their mask source and warn about it
+// (GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define GSLORA_SIMD_WIDTH 16
 #include "lora_simd_kernels.inc"
 #undef GSLORA_SIMD_WIDTH
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 }  // namespace avx512
 #endif
