@@ -408,12 +408,12 @@ at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_A,
 
 #ifdef GSLORA_HAVE_SIMD_PATH
 // fp32 forward with the SIMD kernels Kern (avx2:: or avx512::Kernels), xa and (without a merge)
-// the adapter term in one parallel region: each thread writes its part of A^T [K, RP] (zero-padded) and, without a merge, of s B^T [r, N]; after
-// a barrier, for its rows, xa = x A^T and then y = b + xa (s B)^T written once by the adapter
-// kernel (while the rows' xa is hot). Then the big GEMM: y += x W^T (beta = 1), or with a merge
-// y = b + x W_eff^T. MKL runs both rank-r products far below the memory speed (x A^T at M = 4096
-// took it 0.6-1.7 ms here; the adapter term as slowly as the bias copy of a plain Linear times six
-// at M = 788, N = 2048).
+// the adapter term in one parallel region: each thread writes its part of A^T [K, RP]
+// (zero-padded) and, without a merge, of s B^T [r, N]; after a barrier, for its rows,
+// xa = x A^T and then y = b + xa (s B)^T written once by the adapter kernel (while the rows' xa
+// is hot). Then the big GEMM: y += x W^T (beta = 1), or with a merge y = b + x W_eff^T. MKL runs
+// both rank-r products far below the memory speed (x A^T at M = 4096 took it 0.6-1.7 ms here;
+// the adapter term as slowly as the bias copy of a plain Linear times six at M = 788, N = 2048).
 template <class Kern>
 std::tuple<at::Tensor, at::Tensor> fwd_simd(const at::Tensor& x, const at::Tensor& weight,
                                             const c10::optional<at::Tensor>& bias,
@@ -455,13 +455,13 @@ std::tuple<at::Tensor, at::Tensor> fwd_simd(const at::Tensor& x, const at::Tenso
   return {y, xa};
 }
 
-// fp32 backward with the SIMD kernels Kern, in one parallel region. Each thread, for its rows: ONE pass over g for
-// s u = s g B and its partial of g^T xa (BLAS reads g at a few GB/s for these rank-r products, and
-// g^T xa as BLAS sees it costs as much as the big GEMM); then one pass over the rows that writes
-// dx = (s u) A and sums its partial of dA = (s u)^T x (MKL took 3-5x the time of a write of dx / a
-// read of x for these). After a barrier each thread adds up its rows of dB and dA from all the
-// partials. Then dx += g W inside the big GEMM (beta = 1): measured as fast as g W_eff for every M
-// (which costs two passes over [N, K]).
+// fp32 backward with the SIMD kernels Kern, in one parallel region. Each thread, for its rows:
+// ONE pass over g for s u = s g B and its partial of g^T xa (BLAS reads g at a few GB/s for these
+// rank-r products, and g^T xa as BLAS sees it costs as much as the big GEMM); then one pass over
+// the rows that writes dx = (s u) A and sums its partial of dA = (s u)^T x (MKL took 3-5x the
+// time of a write of dx / a read of x for these). After a barrier each thread adds up its rows of
+// dB and dA from all the partials. Then dx += g W inside the big GEMM (beta = 1): measured as
+// fast as g W_eff for every M (which costs two passes over [N, K]).
 template <class Kern>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_simd(
     const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
@@ -549,8 +549,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_blas(
 #ifdef GSLORA_HAVE_SIMD_PATH
   if constexpr (std::is_same_v<T, float>) {
     switch (selected_level().load()) {
-      case 2: return bwd_simd<avx512::Kernels>(g, x, weight, lora_A, lora_B, xa, scaling, compute_dx);
-      case 1: return bwd_simd<avx2::Kernels>(g, x, weight, lora_A, lora_B, xa, scaling, compute_dx);
+      case 2:
+        return bwd_simd<avx512::Kernels>(g, x, weight, lora_A, lora_B, xa, scaling, compute_dx);
+      case 1:
+        return bwd_simd<avx2::Kernels>(g, x, weight, lora_A, lora_B, xa, scaling, compute_dx);
       default: break;
     }
   }
@@ -646,8 +648,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(
 #ifdef GSLORA_HAVE_SIMD_PATH
       if constexpr (std::is_same_v<T, float>) {
         float* sc = level > 0 ? scratch.data_ptr<float>() + tid * N * RP : nullptr;
-        if (level == 2) return avx512::Kernels::project_rows(gp, N, Bptr, RP, xap, 1.0f, up, dBt, sc, m0, m1);
-        if (level == 1) return avx2::Kernels::project_rows(gp, N, Bptr, RP, xap, 1.0f, up, dBt, sc, m0, m1);
+        if (level == 2)
+          return avx512::Kernels::project_rows(gp, N, Bptr, RP, xap, 1.0f, up, dBt, sc, m0, m1);
+        if (level == 1)
+          return avx2::Kernels::project_rows(gp, N, Bptr, RP, xap, 1.0f, up, dBt, sc, m0, m1);
       }
 #endif
       RowKernels<T>::k1(gp, N, nullptr, A(1), A(1), Bptr, RP, up, xap, dBt, m0, m1);
