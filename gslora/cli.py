@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
               "head_margin": 0.2, "drop_rate": 0.0},
     "pretrain": {"epochs": 4.0, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.05, "seed": 0},
     "forget": {"r": 8, "lora_alpha": 1.0, "target": "ffn", "group_by": "block",
-               "sparsity": "prox", "alpha": 0.2, "warmup": 0.2, "target_zero_groups": None, "prox_metric": "auto",
+               "sparsity": "prox", "alpha": 0.15, "warmup": 0.2, "target_zero_groups": None, "prox_metric": "auto",
                "beta": 0.2, "bnd": None, "bnd_ratio": 0.85, "steps": 200, "epochs": None,
                "batch_size": 64, "lr": 1e-2, "lr_min": 1e-5, "full_lr": 1e-3,
                "weight_decay": 0.05, "optimizer": "adamw", "replay_ratio": None,
