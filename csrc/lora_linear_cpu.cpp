@@ -638,16 +638,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(
     A* up = u.data_ptr<A>();
     A* dBp = dB_part.data_ptr<A>();
 #ifdef GSLORA_HAVE_SIMD_PATH
-    // fp32: the SIMD project pass, with a scratch block per thread for its later row-sum blocks.
+    // fp32: the SIMD project pass, with a scratch block per thread for its later row-sum blocks
+    // (only rows past the first block use it, as in bwd_simd).
     const int level = std::is_same_v<T, float> ? selected_level().load() : 0;
-    at::Tensor scratch = level > 0 ? at::empty({nthreads, N * RP}, u.options()) : at::Tensor();
+    const bool need_scratch = level > 0 && M > avx2::Kernels::row_sum_block;
+    at::Tensor scratch = need_scratch ? at::empty({nthreads, N * RP}, u.options()) : at::Tensor();
 #endif
     // One pass over g: u = g B and dB += g^T xa.
     parallel_rows(M, [&](int64_t tid, int64_t m0, int64_t m1) {
       A* dBt = dBp + tid * N * RP;
 #ifdef GSLORA_HAVE_SIMD_PATH
       if constexpr (std::is_same_v<T, float>) {
-        float* sc = level > 0 ? scratch.data_ptr<float>() + tid * N * RP : nullptr;
+        float* sc = need_scratch ? scratch.data_ptr<float>() + tid * N * RP : nullptr;
         if (level == 2)
           return avx512::Kernels::project_rows(gp, N, Bptr, RP, xap, 1.0f, up, dBt, sc, m0, m1);
         if (level == 1)

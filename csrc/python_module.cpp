@@ -10,11 +10,11 @@
 // torch.ops in their place (gslora/_polyfills.py).
 #include <torch/extension.h>
 
-#include "cpu_kernels.h"
-
 #include <optional>
 #include <tuple>
 #include <vector>
+
+#include "cpu_kernels.h"
 
 namespace {
 
