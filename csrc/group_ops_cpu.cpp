@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "always_inline.h"
 #include "checks.h"
 #include "gslora_math.h"
 
@@ -73,17 +74,12 @@ inline void load_acc(const T* p, vec_t<acc_t<T>>& v) {
 template <typename T>
 constexpr int64_t kSumBlockElems = 4 * int64_t(sizeof(vec_t<acc_t<T>>) / sizeof(acc_t<T>));
 
-// The helpers below are always inlined: each GSLORA_CLONES function must get its own copy of
-// them compiled for its target (a call would run the default, SSE-only code).
-#define GSLORA_ALWAYS_INLINE __attribute__((always_inline)) inline
-#define GSLORA_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
-
 // The sum of squares of p[c0, c1) (one chunk: c1 - c0 <= kChunk) in the accumulate type. After
 // each step of kSumBlockElems<T> elements it calls side(offset of the step from c0), so that
 // other memory work can run alongside the loads (sum_squares_scale_impl); the sum itself does
 // not depend on side.
 template <typename T, typename Side>
-GSLORA_ALWAYS_INLINE acc_t<T> chunk_sum_squares(const T* p, int64_t c0, int64_t c1, Side&& side) {
+GSLORA_INLINE acc_t<T> chunk_sum_squares(const T* p, int64_t c0, int64_t c1, Side&& side) {
   using A = acc_t<T>;
   using V = vec_t<A>;
   constexpr int64_t W = sizeof(V) / sizeof(A);
@@ -116,7 +112,7 @@ inline double sum_squares_impl(const T* p, int64_t n) {
   double total = 0.0;
   for (int64_t c0 = 0; c0 < n; c0 += kChunk)
     total += static_cast<double>(chunk_sum_squares(p, c0, std::min(n, c0 + kChunk),
-                                                   [](int64_t) GSLORA_ALWAYS_INLINE_LAMBDA {}));
+                                                   [](int64_t) {}));
   return total;
 }
 
@@ -125,7 +121,7 @@ inline double sum_squares_impl(const T* p, int64_t n) {
 // the x86-64-v4 clone (the prox rewrites each group from L2, where the width pays), two AVX ones
 // in the v3 clone.
 template <typename T>
-GSLORA_ALWAYS_INLINE void scale_impl(const T* in, T* out, int64_t n, acc_t<T> f) {
+GSLORA_INLINE void scale_impl(const T* in, T* out, int64_t n, acc_t<T> f) {
   using A = acc_t<T>;
   if (f == A(0)) {
     std::memset(static_cast<void*>(out), 0, n * sizeof(T));  // +0.0 is all-zero bits in every dtype
@@ -151,12 +147,12 @@ GSLORA_ALWAYS_INLINE void scale_impl(const T* in, T* out, int64_t n, acc_t<T> f)
 // flight. (Before, the prox rewrote a whole piece of a group between pieces of the next group's
 // sum: 5-10 % slower on the ViT-B and face-ViT layouts, ad hoc, Intel Xeon.)
 template <typename T>
-GSLORA_ALWAYS_INLINE double sum_squares_scale_impl(const T* p, int64_t n, T* q, int64_t nq,
+GSLORA_INLINE double sum_squares_scale_impl(const T* p, int64_t n, T* q, int64_t nq,
                                                    acc_t<T> f) {
   constexpr int64_t B = kSumBlockElems<T>;
   const bool rewrite = f != acc_t<T>(1);
   int64_t done = 0;  // q[0, done) rewritten
-  const acc_t<T> sq = chunk_sum_squares(p, 0, n, [&](int64_t i) GSLORA_ALWAYS_INLINE_LAMBDA {
+  const acc_t<T> sq = chunk_sum_squares(p, 0, n, [&](int64_t i) GSLORA_INLINE_LAMBDA {
     if (rewrite && i + B <= nq) {
       scale_impl<T>(q + i, q + i, B, f);
       done = i + B;

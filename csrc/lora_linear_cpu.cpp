@@ -55,6 +55,7 @@
 #include <immintrin.h>
 #endif
 
+#include "always_inline.h"
 #include "checks.h"
 #include "cpu_kernels.h"
 #include "gslora_math.h"
@@ -64,7 +65,6 @@
 #else
 #define GSLORA_CLONES
 #endif
-#define GSLORA_INLINE inline __attribute__((always_inline))
 
 namespace gslora {
 namespace {
