@@ -279,17 +279,23 @@ inline std::pair<int64_t, int64_t> team_share(int64_t n, int tid, int team, int6
 // thread order, for the rows [i0, i1): the per-thread partial sums of dB and dA reduced (plain
 // loops: the default clone vectorises them; a few hundred KB at most).
 template <typename T>
+void sum_partials_row(const T* p, int64_t stride, int team, int64_t cols, T scale, T* o) {
+  for (int64_t j = 0; j < cols; ++j) o[j] = p[j];
+  for (int t = 1; t < team; ++t)
+    for (int64_t j = 0; j < cols; ++j) o[j] += p[t * stride + j];
+  if (scale != T(1))
+    for (int64_t j = 0; j < cols; ++j) o[j] *= scale;
+}
+
+template <typename T>
 void sum_partials(const T* parts, int64_t stride, int team, int64_t ld, int64_t cols, T scale,
                   T* out, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) {
-    T* o = out + i * cols;
-    const T* p = parts + i * ld;
-    for (int64_t j = 0; j < cols; ++j) o[j] = p[j];
-    for (int t = 1; t < team; ++t)
-      for (int64_t j = 0; j < cols; ++j) o[j] += p[t * stride + j];
-    if (scale != T(1))
-      for (int64_t j = 0; j < cols; ++j) o[j] *= scale;
+  if (ld == cols) {  // rows back to back: one long row (rows of r floats are too short for SIMD)
+    sum_partials_row(parts + i0 * ld, stride, team, (i1 - i0) * cols, scale, out + i0 * cols);
+    return;
   }
+  for (int64_t i = i0; i < i1; ++i)
+    sum_partials_row(parts + i * ld, stride, team, cols, scale, out + i * cols);
 }
 
 // [rows, cols] -> [rows, RP] in the accumulate dtype, zero-padded: padded columns of P give
@@ -433,12 +439,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_simd(const at::Tensor& x, const at::Tenso
   const float s = static_cast<float>(scaling);
   run_team(M, [&](int tid, int team) {
     const auto [k0, k1] = team_share(K, tid, team);
+    Kern::transpose_scaled(a, K, 0, r, k0, k1, 1.0f, at_, RP);  // A^T
     for (int64_t k = k0; k < k1; ++k)
-      for (int64_t j = 0; j < RP; ++j) at_[k * RP + j] = j < r ? a[j * K + k] : 0.0f;
+      for (int64_t j = r; j < RP; ++j) at_[k * RP + j] = 0.0f;
     if (!merge) {
       const auto [n0, n1] = team_share(N, tid, team);
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t j = 0; j < r; ++j) bt[j * N + n] = s * bsrc[n * r + j];
+      Kern::transpose_scaled(bsrc, r, n0, n1, 0, r, s, bt, N);  // s B^T
     }
 #pragma omp barrier
     const auto [m0, m1] = team_share(M, tid, team, RB);
