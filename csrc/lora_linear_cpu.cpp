@@ -1,9 +1,10 @@
 // CPU kernels of the LoRA linear: y = x W^T + b + s (d(x) A^T) B^T and its backward.
 //
-// fp32 / fp64 without dropout (the training hot path; measured on an AMD EPYC with MKL):
+// fp32 / fp64 / bf16 / fp16 without dropout (the training hot path; measured on an AMD EPYC
+// with MKL, and on an Intel Xeon):
 //   forward : xa = x A^T; y = b + x W_eff^T with W_eff = W + s B A when M r > 64 K, else
 //             y = b + xa (s B)^T (written once) and then y += x W^T inside the big GEMM
-//             (beta = 1: y is read in its microkernel). In fp32 the rank-r products are
+//             (beta = 1: y is read in its microkernel). Except in fp64 the rank-r products are
 //             explicit SIMD kernels (Kernels::xa_rows, adapter_rows) in one parallel region
 //             (fwd_simd); with the "blas" kernels (cpu_kernels.h), BLAS ([xa | 1] [s B | b]^T for
 //             the second).
@@ -15,9 +16,15 @@
 //             run in one parallel region (bwd_simd). With the "blas" kernels: BLAS.
 //   The SIMD kernels (lora_simd_kernels.inc) exist for AVX2 and for AVX-512: MKL's GEMM uses
 //   AVX-512 where the CPU has it, twice the multiply-adds per instruction, and the rank-r passes
-//   must keep pace with it.
-//   With a dropout mask W_eff is not an identity, so masked calls and the 16-bit dtypes take
-//   the fused row-block kernels below (whose u / dB pass is the same SIMD kernel for fp32).
+//   must keep pace with it. bf16 and fp16 take the same SIMD kernels: they widen x and g to
+//   float as they read them and round y and dx as they write them (the adapter math is float),
+//   and the big GEMMs run in the 16-bit dtype (oneDNN); no merge (a 16-bit W_eff would round
+//   the adapter's small update away). The generic row-block kernels below, which took them
+//   before, cost 1.2-3.1x the frozen layer
+//   (benchmarks/results/lora-linear-16bit-xeon-20261130-before.jsonl).
+//   With a dropout mask W_eff is not an identity, so masked calls (and every dtype at the
+//   "blas" level) take the fused row-block kernels below (whose u / dB pass is the same SIMD
+//   kernel for fp32).
 //
 // Fused row-block kernels. The two big products (x W^T in the forward, g W in the backward) go to ATen's GEMM (MKL /
 // oneDNN). Everything the adapter adds is memory traffic over skinny [M, r] products, so it runs
@@ -323,9 +330,41 @@ const bool* mask_ptr(const c10::optional<at::Tensor>& mask, at::Tensor& holder) 
 // namespace. GCC only (#pragma GCC target); other compilers take the BLAS path.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define GSLORA_HAVE_SIMD_PATH 1
+// 16-bit floats as the kernels see them: raw bits (c10's types have inline code that must not be
+// compiled under the kernels' target pragmas).
+struct Bf16Bits {
+  uint16_t bits;
+};
+struct F16Bits {
+  uint16_t bits;
+};
+// The kernels' storage format of a tensor element type.
+template <typename T>
+struct Storage {
+  using type = T;
+};
+template <>
+struct Storage<c10::BFloat16> {
+  using type = Bf16Bits;
+};
+template <>
+struct Storage<c10::Half> {
+  using type = F16Bits;
+};
+static_assert(sizeof(c10::BFloat16) == 2 && sizeof(c10::Half) == 2);
+
+template <typename T>
+const typename Storage<T>::type* storage_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename Storage<T>::type*>(t.const_data_ptr<T>());
+}
+template <typename T>
+typename Storage<T>::type* storage_ptr(at::Tensor& t) {
+  return reinterpret_cast<typename Storage<T>::type*>(t.data_ptr<T>());
+}
+
 namespace avx2 {
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #define GSLORA_SIMD_WIDTH 8
 #include "lora_simd_kernels.inc"
 #undef GSLORA_SIMD_WIDTH
@@ -333,7 +372,7 @@ namespace avx2 {
 }  // namespace avx2
 namespace avx512 {
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx2,fma")
+#pragma GCC target("avx512f,avx512vl,avx2,fma,f16c")
 // GCC 12's permute intrinsics pass an undefined vector as their mask source and warn about it
 // (GCC bug 105593).
 #pragma GCC diagnostic push
@@ -361,7 +400,9 @@ int level_of(const std::string& name, const char* what) {
 int best_level() {
 #ifdef GSLORA_HAVE_SIMD_PATH
   static const int best = [] {
-    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") ||
+        !__builtin_cpu_supports("f16c"))
+      return 0;
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? 2 : 1;
   }();
   return best;
@@ -413,29 +454,43 @@ at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_A,
 }
 
 #ifdef GSLORA_HAVE_SIMD_PATH
-// fp32 forward with the SIMD kernels Kern (avx2:: or avx512::Kernels), xa and (without a merge)
-// the adapter term in one parallel region: each thread writes its part of A^T [K, RP]
-// (zero-padded) and, without a merge, of s B^T [r, N]; after a barrier, for its rows,
+// Forward with the SIMD kernels Kern (avx2:: or avx512::Kernels) for T = float, bf16 or fp16, xa
+// and (without a merge) the adapter term in one parallel region: each thread writes its part of
+// A^T [K, RP] (zero-padded) and, without a merge, of s B^T [r, N]; after a barrier, for its rows,
 // xa = x A^T and then y = b + xa (s B)^T written once by the adapter kernel (while the rows' xa
 // is hot). Then the big GEMM: y += x W^T (beta = 1), or with a merge y = b + x W_eff^T. MKL runs
 // both rank-r products far below the memory speed (x A^T at M = 4096 took it 0.6-1.7 ms here;
 // the adapter term as slowly as the bias copy of a plain Linear times six at M = 788, N = 2048).
-template <class Kern>
+// The adapter math is float for every T (xa is rounded to T only for the backward, as the
+// generic path does); a 16-bit W_eff would round the adapter's small update away, so 16-bit
+// inputs never merge.
+template <class Kern, typename T>
 std::tuple<at::Tensor, at::Tensor> fwd_simd(const at::Tensor& x, const at::Tensor& weight,
                                             const c10::optional<at::Tensor>& bias,
                                             const at::Tensor& lora_A, const at::Tensor& lora_B,
                                             double scaling, bool merge) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   const int64_t RP = padded_rank(r);
-  const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
-  at::Tensor At = at::empty({K, RP}, x.options());
-  at::Tensor sBt = merge ? at::Tensor() : at::empty({r, N}, x.options());
-  at::Tensor xa_p = at::empty({M, RP}, x.options());
+  const bool wide16 = !std::is_same_v<T, float>;  // 16-bit x and y
+  merge = merge && !wide16;
+  const at::Tensor b = (bias.has_value() && bias->defined())
+                           ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor A32 = lora_A.to(at::kFloat).contiguous();
+  const at::Tensor B32 = lora_B.to(at::kFloat).contiguous();
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor At = at::empty({K, RP}, f32);
+  at::Tensor sBt = merge ? at::Tensor() : at::empty({r, N}, f32);
+  at::Tensor xa_p = at::empty({M, RP}, f32);
   at::Tensor y = merge ? at::Tensor() : at::empty({M, N}, x.options());
-  const float *xp = x.const_data_ptr<float>(), *a = lora_A.const_data_ptr<float>();
-  const float *bsrc = lora_B.const_data_ptr<float>(), *bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  at::Tensor wide = wide16 ? at::empty({at::get_num_threads() * Kern::widen_rows * K}, f32)
+                           : at::Tensor();
+  const auto* xp = storage_ptr<T>(x);
+  const float *a = A32.const_data_ptr<float>(), *bsrc = B32.const_data_ptr<float>();
+  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   float *at_ = At.data_ptr<float>(), *bt = merge ? nullptr : sBt.data_ptr<float>();
-  float *xap = xa_p.data_ptr<float>(), *yp = merge ? nullptr : y.data_ptr<float>();
+  float* xap = xa_p.data_ptr<float>();
+  auto* yp = merge ? nullptr : storage_ptr<T>(y);
+  float* widep = wide16 ? wide.data_ptr<float>() : nullptr;
   const float s = static_cast<float>(scaling);
   run_team(M, [&](int tid, int team) {
     const auto [k0, k1] = team_share(K, tid, team);
@@ -448,7 +503,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_simd(const at::Tensor& x, const at::Tenso
     }
 #pragma omp barrier
     const auto [m0, m1] = team_share(M, tid, team, RB);
-    Kern::xa_rows(xp, K, at_, RP, xap, m0, m1);
+    float* w = wide16 ? widep + tid * Kern::widen_rows * K : nullptr;
+    Kern::xa_rows(xp, K, at_, RP, xap, w, m0, m1);
     if (!merge) Kern::adapter_rows(xap, RP, r, bt, bp, yp, N, m0, m1);
   });
   if (merge) {
@@ -458,46 +514,53 @@ std::tuple<at::Tensor, at::Tensor> fwd_simd(const at::Tensor& x, const at::Tenso
     y.addmm_(x, weight.t());
   }
   at::Tensor xa = RP == r ? xa_p : xa_p.narrow(1, 0, r).contiguous();
-  return {y, xa};
+  return {y, wide16 ? xa.to(x.scalar_type()) : xa};
 }
 
-// fp32 backward with the SIMD kernels Kern, in one parallel region. Each thread, for its rows:
-// ONE pass over g for s u = s g B and its partial of g^T xa (BLAS reads g at a few GB/s for these
-// rank-r products, and g^T xa as BLAS sees it costs as much as the big GEMM); then one pass over
-// the rows that writes dx = (s u) A and sums its partial of dA = (s u)^T x (MKL took 3-5x the
-// time of a write of dx / a read of x for these). After a barrier each thread adds up its rows of
-// dB and dA from all the partials. Then dx += g W inside the big GEMM (beta = 1): measured as
-// fast as g W_eff for every M (which costs two passes over [N, K]).
-template <class Kern>
+// Backward with the SIMD kernels Kern for T = float, bf16 or fp16, in one parallel region. Each
+// thread, for its rows: ONE pass over g for s u = s g B and its partial of g^T xa (BLAS reads g
+// at a few GB/s for these rank-r products, and g^T xa as BLAS sees it costs as much as the big
+// GEMM); then one pass over the rows that writes dx = (s u) A and sums its partial of
+// dA = (s u)^T x (MKL took 3-5x the time of a write of dx / a read of x for these). After a
+// barrier each thread adds up its rows of dB and dA from all the partials. Then dx += g W inside
+// the big GEMM (beta = 1): measured as fast as g W_eff for every M (which costs two passes over
+// [N, K]). The adapter math is float for every T; dA and dB are rounded to T at the end.
+template <class Kern, typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_simd(
     const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, bool compute_dx) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   const int64_t RP = padded_rank(r);
+  const bool wide16 = !std::is_same_v<T, float>;  // 16-bit g, x and dx
+  const auto f32 = x.options().dtype(at::kFloat);
   const at::Tensor Bp = pad_cols(lora_B, RP, at::kFloat);  // [N, RP]
   const at::Tensor xa_p = pad_cols(xa, RP, at::kFloat);    // [M, RP]
-  at::Tensor us = at::empty({M, RP}, x.options());         // s u = s g B (padded columns 0)
+  const at::Tensor A32 = lora_A.to(at::kFloat).contiguous();
+  at::Tensor us = at::empty({M, RP}, f32);                 // s u = s g B (padded columns 0)
   // Per thread: its partial of g^T xa [N, RP], then its partial of dA [r, K], then (when its rows
-  // may span more than one row-sum block) the project pass's scratch block [N, RP].
+  // may span more than one row-sum block) the project pass's scratch block [N, RP], then (16-bit
+  // g) the widened rows of g.
   const int64_t part_len = N * RP + r * K;
-  const int64_t stride = part_len + (M > Kern::row_sum_block ? N * RP : 0);
-  at::Tensor parts = at::empty({at::get_num_threads() * stride}, x.options());
+  const int64_t scratch_len = M > Kern::row_sum_block ? N * RP : 0;
+  const int64_t stride = part_len + scratch_len + (wide16 ? Kern::widen_rows * N : 0);
+  at::Tensor parts = at::empty({at::get_num_threads() * stride}, f32);
   at::Tensor dx = compute_dx ? at::empty({M, K}, x.options()) : at::empty({0}, x.options());
-  at::Tensor dA = at::empty({r, K}, x.options());
-  at::Tensor dB = at::empty({N, r}, x.options());
-  const float *gp = g.const_data_ptr<float>(), *xp = x.const_data_ptr<float>();
+  at::Tensor dA = at::empty({r, K}, f32);
+  at::Tensor dB = at::empty({N, r}, f32);
+  const auto *gp = storage_ptr<T>(g), *xp = storage_ptr<T>(x);
   const float *bptr = Bp.const_data_ptr<float>(), *xap = xa_p.const_data_ptr<float>();
-  const float* ap = lora_A.const_data_ptr<float>();
+  const float* ap = A32.const_data_ptr<float>();
   float *up = us.data_ptr<float>(), *pp = parts.data_ptr<float>();
-  float *dxp = compute_dx ? dx.data_ptr<float>() : nullptr;
+  auto* dxp = compute_dx ? storage_ptr<T>(dx) : nullptr;
   float *dAp = dA.data_ptr<float>(), *dBp = dB.data_ptr<float>();
   const float s = static_cast<float>(scaling);
   run_team(M, [&](int tid, int team) {
     float* dB_t = pp + tid * stride;
     float* dA_t = dB_t + N * RP;
+    float* wide = dB_t + part_len + scratch_len;
     std::fill(dB_t, dB_t + part_len, 0.0f);
     const auto [m0, m1] = team_share(M, tid, team, RB);
-    Kern::project_rows(gp, N, bptr, RP, xap, s, up, dB_t, dB_t + part_len, m0, m1);
+    Kern::project_rows(gp, N, bptr, RP, xap, s, up, dB_t, dB_t + part_len, wide, m0, m1);
     if (dxp != nullptr) Kern::adapter_rows(up, RP, r, ap, nullptr, dxp, K, m0, m1);
     Kern::outer_rows(up, RP, r, xp, K, dA_t, m0, m1);
 #pragma omp barrier
@@ -507,7 +570,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_simd(
     sum_partials<float>(pp + N * RP, stride, team, K, K, 1.0f, dAp, j0, j1);
   });
   if (compute_dx) dx.addmm_(g, weight);
+  if (wide16) return {dx, dA.to(lora_A.scalar_type()), dB.to(lora_B.scalar_type())};
   return {dx, dA, dB};
+}
+
+// The SIMD forward / backward at the selected kernel level into `out`; false at the "blas" level.
+template <typename T>
+bool fwd_simd_at_level(const at::Tensor& x, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                       const at::Tensor& lora_B, double scaling,
+                       std::tuple<at::Tensor, at::Tensor>& out) {
+  const bool merge = merge_forward(x.size(0), x.size(1), lora_A.size(0));
+  switch (selected_level().load()) {
+    case 2:
+      out = fwd_simd<avx512::Kernels, T>(x, weight, bias, lora_A, lora_B, scaling, merge);
+      return true;
+    case 1:
+      out = fwd_simd<avx2::Kernels, T>(x, weight, bias, lora_A, lora_B, scaling, merge);
+      return true;
+    default: return false;
+  }
+}
+
+template <typename T>
+bool bwd_simd_at_level(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight,
+                       const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa,
+                       double scaling, bool compute_dx,
+                       std::tuple<at::Tensor, at::Tensor, at::Tensor>& out) {
+  switch (selected_level().load()) {
+    case 2:
+      out = bwd_simd<avx512::Kernels, T>(g, x, weight, lora_A, lora_B, xa, scaling, compute_dx);
+      return true;
+    case 1:
+      out = bwd_simd<avx2::Kernels, T>(g, x, weight, lora_A, lora_B, xa, scaling, compute_dx);
+      return true;
+    default: return false;
+  }
 }
 #endif
 
@@ -520,12 +618,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_blas(const at::Tensor& x, const at::Tenso
   const bool has_bias = bias.has_value() && bias->defined();
 #ifdef GSLORA_HAVE_SIMD_PATH
   if constexpr (std::is_same_v<T, float>) {
-    const bool merge = merge_forward(M, K, lora_A.size(0));
-    switch (selected_level().load()) {
-      case 2: return fwd_simd<avx512::Kernels>(x, weight, bias, lora_A, lora_B, scaling, merge);
-      case 1: return fwd_simd<avx2::Kernels>(x, weight, bias, lora_A, lora_B, scaling, merge);
-      default: break;
-    }
+    std::tuple<at::Tensor, at::Tensor> out;
+    if (fwd_simd_at_level<T>(x, weight, bias, lora_A, lora_B, scaling, out)) return out;
   }
 #endif
   at::Tensor xa = at::mm(x, lora_A.t());  // [M, r], one read of x
@@ -554,13 +648,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_blas(
   static_assert(std::is_same_v<A, T>, "fp32 / fp64 only");
 #ifdef GSLORA_HAVE_SIMD_PATH
   if constexpr (std::is_same_v<T, float>) {
-    switch (selected_level().load()) {
-      case 2:
-        return bwd_simd<avx512::Kernels>(g, x, weight, lora_A, lora_B, xa, scaling, compute_dx);
-      case 1:
-        return bwd_simd<avx2::Kernels>(g, x, weight, lora_A, lora_B, xa, scaling, compute_dx);
-      default: break;
-    }
+    std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+    if (bwd_simd_at_level<T>(g, x, weight, lora_A, lora_B, xa, scaling, compute_dx, out))
+      return out;
   }
 #endif
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
@@ -657,9 +747,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(
       if constexpr (std::is_same_v<T, float>) {
         float* sc = need_scratch ? scratch.data_ptr<float>() + tid * N * RP : nullptr;
         if (level == 2)
-          return avx512::Kernels::project_rows(gp, N, Bptr, RP, xap, 1.0f, up, dBt, sc, m0, m1);
+          return avx512::Kernels::project_rows(gp, N, Bptr, RP, xap, 1.0f, up, dBt, sc, nullptr, m0,
+                                               m1);
         if (level == 1)
-          return avx2::Kernels::project_rows(gp, N, Bptr, RP, xap, 1.0f, up, dBt, sc, m0, m1);
+          return avx2::Kernels::project_rows(gp, N, Bptr, RP, xap, 1.0f, up, dBt, sc, nullptr, m0,
+                                             m1);
       }
 #endif
       RowKernels<T>::k1(gp, N, nullptr, A(1), A(1), Bptr, RP, up, xap, dBt, m0, m1);
@@ -697,10 +789,15 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
   const bool* mp = mask_ptr(mask, mask_holder);
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_linear_fwd_cpu", [&] {
-    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-      if (mp == nullptr && x.size(0) > 0) {
+    if (mp == nullptr && x.size(0) > 0) {
+      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
         out = fwd_blas<scalar_t>(x, weight, bias, lora_A, lora_B, scaling);
         return;
+      } else {
+#ifdef GSLORA_HAVE_SIMD_PATH
+        // 16-bit: the SIMD kernels widen x to float as they read it.
+        if (fwd_simd_at_level<scalar_t>(x, weight, bias, lora_A, lora_B, scaling, out)) return;
+#endif
       }
     }
     out = fwd_impl<scalar_t>(x, weight, bias, lora_A, lora_B, scaling, mp, keep_scale);
@@ -719,11 +816,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   const bool* mp = mask_ptr(mask, mask_holder);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_linear_bwd_cpu", [&] {
-    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-      if (mp == nullptr && x.size(0) > 0) {
+    if (mp == nullptr && x.size(0) > 0) {
+      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
         out = bwd_blas<scalar_t>(g, x, weight, lora_A, lora_B, xa_in.contiguous(), scaling,
                                  compute_dx);
         return;
+      } else {
+#ifdef GSLORA_HAVE_SIMD_PATH
+        // 16-bit: the SIMD kernels widen g and x to float as they read them.
+        if (bwd_simd_at_level<scalar_t>(g, x, weight, lora_A, lora_B, xa_in.contiguous(), scaling,
+                                        compute_dx, out))
+          return;
+#endif
       }
     }
     out = bwd_impl<scalar_t>(g, x, weight, lora_A, lora_B, xa_in, scaling, mp, keep_scale,

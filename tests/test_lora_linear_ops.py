@@ -168,6 +168,67 @@ def test_float32_fused_path_per_thread_count(cpu_kernels, threads, M, K, N, r):
     assert torch.equal(dA0, out[3]) and torch.equal(dB0, out[4])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("M,K,N,r", FP32_PATH_SHAPES)
+def test_16bit_path_per_kernels_and_thread_count(cpu_kernels, dtype, threads, M, K, N, r):
+    # The SIMD kernels widen 16-bit x and g rows (16 at a time) to float and round y and dx on
+    # their store; the "blas" level takes the generic row kernels.
+    x, W, b, A, B, mask, keep = _inputs(M, K, N, r, dtype, "cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, g = _run("cpu", x, W, b, A, B, 0.37, mask, keep)
+        _, _, _, dA0, dB0 = _run("cpu", x, W, b, A, B, 0.37, mask, keep, compute_dx=False, g=g)[0]
+    finally:
+        torch.set_num_threads(before)
+    ref = _ref64(x, W, b, A, B, 0.37, mask, keep, g)
+    eager = _eager(x, W, b, A, B, 0.37, mask, keep, g)
+    eps = torch.finfo(dtype).eps
+    for name, o, e, ea in zip(NAMES, out, ref, eager, strict=True):
+        assert o.dtype == dtype, name
+        assert _err(o, e) <= 2 * _err(ea, e) + 4 * eps * e.abs().max().item(), name
+    assert torch.equal(dA0, out[3]) and torch.equal(dB0, out[4])
+
+
+@pytest.mark.parametrize("kernels", ["avx512", "avx2"])
+@pytest.mark.parametrize("dtype,exact", [(torch.bfloat16, 256), (torch.float16, 2048)])
+def test_16bit_stores_round_to_nearest_even(kernels, dtype, exact):
+    # With W = 0 the output is the adapter term (plus the bias) as the kernel rounds it to 16 bits.
+    # Integers keep every float sum exact, so y must equal torch's own rounding of the exact values
+    # (odd values near `exact`, where the format's spacing is 2: ties to even), overflow gives inf
+    # and NaN stays NaN.
+    if kernels not in cpu_kernels_supported():
+        pytest.skip(f"this CPU cannot run the {kernels} kernels")
+    M, K, N, r = 19, 3, 37, 2  # N = 37: the 16- and 8-lane stores and the scalar column tail
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randint(-3, 4, (M, K), generator=gen).double()
+    A = torch.randint(-3, 4, (r, K), generator=gen).double()
+    B = torch.randint(-3, 4, (N, r), generator=gen).double()
+    b = exact + torch.arange(N, dtype=torch.float64) % 4 * 2 - 3  # sums around `exact`
+    x[0, 0] = float("nan")
+    # Column 5 of row 1 overflows: bias at the format's max plus a positive term >= max / 2.
+    x[1] = 1.0
+    A.abs_().add_(1)
+    b[5] = torch.finfo(dtype).max
+    B[5] = 2.0 ** (int(torch.finfo(dtype).max).bit_length() - 4)  # A x >= 4 rows: >= max / 2
+    x, A, B, b = (t.to(dtype) for t in (x, A, B, b))
+    f = lambda t: t.double()
+    exact_y = f(b) + (f(x) @ f(A).t()) @ f(B).t()
+    W = torch.zeros(N, K, dtype=dtype)
+    before = set_cpu_kernels(kernels)
+    try:
+        y, _ = get_backend("cpu").lora_linear_fwd(x, W, b, A, B, 1.0, None, 1.0)
+    finally:
+        set_cpu_kernels(before)
+    assert torch.isinf(y[1, 5]) and y[1, 5] > 0
+    assert torch.isnan(y[0]).all()
+    # Elsewhere (column 5 aside) the sums are small integers, exact in float; torch rounds them.
+    expected = exact_y.float().to(dtype)
+    cols = [n for n in range(N) if n != 5]
+    assert torch.equal(y[1:, cols], expected[1:, cols])
+
+
 @pytest.mark.parametrize("M,K,N,r", FP32_PATH_SHAPES)
 def test_float32_avx512_and_avx2_kernels_agree_bit_for_bit(M, K, N, r):
     # The two copies of lora_simd_kernels.inc do every output element's float operations in the
@@ -177,6 +238,8 @@ def test_float32_avx512_and_avx2_kernels_agree_bit_for_bit(M, K, N, r):
     x, W, b, A, B, mask, keep = _inputs(M, K, N, r, torch.float32, "cpu")
     # With a dropout mask, the backward's project pass of the masked path (same kernels).
     mask = torch.rand(M, K, generator=torch.Generator().manual_seed(3)) >= 0.2
+    # 16-bit inputs: the same float kernels on widened rows, the same rounding on the store.
+    low = [t.to(torch.bfloat16) for t in (x, W, b, A, B)], [t.half() for t in (x, W, b, A, B)]
     outs = {}
     before = set_cpu_kernels("avx2")
     try:
@@ -185,10 +248,13 @@ def test_float32_avx512_and_avx2_kernels_agree_bit_for_bit(M, K, N, r):
             plain, g = _run("cpu", x, W, b, A, B, 0.37, None, 1.0)
             masked, _ = _run("cpu", x, W, b, A, B, 0.37, mask, 1.25, g=g)
             outs[name] = plain + masked
+            for args in low:
+                outs[name] += _run("cpu", *args, 0.37, None, 1.0, g=g.to(args[0].dtype))[0]
     finally:
         set_cpu_kernels(before)
+    kinds = ("plain", "masked", "bf16", "fp16")
     for i, (a, e) in enumerate(zip(outs["avx512"], outs["avx2"], strict=True)):
-        assert torch.equal(a, e), f"{NAMES[i % 5]} ({'masked' if i >= 5 else 'plain'})"
+        assert torch.equal(a, e), f"{NAMES[i % 5]} ({kinds[i // 5]})"
 
 
 def test_cpu_kernels_setting():
