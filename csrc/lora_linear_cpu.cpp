@@ -20,7 +20,7 @@
 //   float as they read them and round y and dx as they write them (the adapter math is float),
 //   and the big GEMMs run in the 16-bit dtype (oneDNN); no merge (a 16-bit W_eff would round
 //   the adapter's small update away). The generic row-block kernels below, which took them
-//   before, cost 1.2-3.1x the frozen layer
+//   before, cost 1.2-3.0x the frozen layer
 //   (benchmarks/results/lora-linear-16bit-xeon-20261130-before.jsonl).
 //   With a dropout mask W_eff is not an identity, so masked calls (and every dtype at the
 //   "blas" level) take the fused row-block kernels below (whose u / dB pass is the same SIMD
