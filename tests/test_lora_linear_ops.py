@@ -140,40 +140,20 @@ def cpu_kernels(request):
     set_cpu_kernels(before)
 
 
-# The fp32 paths split rows, A^T / s B^T columns and the partial sums' reduction over the threads
+# The SIMD paths split rows, A^T / s B^T columns and the partial sums' reduction over the threads
 # of one region: rows crossing 256-row sum blocks and 64-row dA blocks, ranks with 32-, 16- and
 # 8-column passes and padding (13, 24, 40), K and N tails of the 16- and 8-lane vectors, a merged
 # forward (M r > 64 K), M below two 32-row blocks (one thread) and a team with an odd row split.
-FP32_PATH_SHAPES = [(600, 37, 45, 13), (1100, 64, 48, 16), (70, 31, 17, 24), (63, 24, 40, 5),
+SIMD_PATH_SHAPES = [(600, 37, 45, 13), (1100, 64, 48, 16), (70, 31, 17, 24), (63, 24, 40, 5),
                     (33, 40, 24, 8), (257, 385, 1537, 9), (90, 57, 83, 40), (300, 48, 40, 32)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("M,K,N,r", FP32_PATH_SHAPES)
-def test_float32_fused_path_per_thread_count(cpu_kernels, threads, M, K, N, r):
-    x, W, b, A, B, mask, keep = _inputs(M, K, N, r, torch.float32, "cpu")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out, g = _run("cpu", x, W, b, A, B, 0.37, mask, keep)
-        _, _, _, dA0, dB0 = _run("cpu", x, W, b, A, B, 0.37, mask, keep, compute_dx=False, g=g)[0]
-    finally:
-        torch.set_num_threads(before)
-    ref = _ref64(x, W, b, A, B, 0.37, mask, keep, g)
-    eager = _eager(x, W, b, A, B, 0.37, mask, keep, g)
-    floor = 4 * torch.finfo(torch.float32).eps
-    for name, o, e, ea in zip(NAMES, out, ref, eager, strict=True):
-        assert _err(o, e) <= 2 * _err(ea, e) + floor * e.abs().max().item(), name
-    # Without dx the same dA and dB, bit for bit.
-    assert torch.equal(dA0, out[3]) and torch.equal(dB0, out[4])
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("M,K,N,r", FP32_PATH_SHAPES)
-def test_16bit_path_per_kernels_and_thread_count(cpu_kernels, dtype, threads, M, K, N, r):
-    # The SIMD kernels widen 16-bit x and g rows (16 at a time) to float and round y and dx on
-    # their store; the "blas" level takes the generic row kernels.
+@pytest.mark.parametrize("M,K,N,r", SIMD_PATH_SHAPES)
+def test_fused_path_per_kernels_and_thread_count(cpu_kernels, dtype, threads, M, K, N, r):
+    # 16-bit inputs take the same SIMD kernels: x and g rows widened (16 at a time) to float, y and
+    # dx rounded on their store; the "blas" level takes BLAS (fp32) or the generic row kernels.
     x, W, b, A, B, mask, keep = _inputs(M, K, N, r, dtype, "cpu")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -184,10 +164,11 @@ def test_16bit_path_per_kernels_and_thread_count(cpu_kernels, dtype, threads, M,
         torch.set_num_threads(before)
     ref = _ref64(x, W, b, A, B, 0.37, mask, keep, g)
     eager = _eager(x, W, b, A, B, 0.37, mask, keep, g)
-    eps = torch.finfo(dtype).eps
+    floor = 4 * torch.finfo(dtype).eps
     for name, o, e, ea in zip(NAMES, out, ref, eager, strict=True):
         assert o.dtype == dtype, name
-        assert _err(o, e) <= 2 * _err(ea, e) + 4 * eps * e.abs().max().item(), name
+        assert _err(o, e) <= 2 * _err(ea, e) + floor * e.abs().max().item(), name
+    # Without dx the same dA and dB, bit for bit.
     assert torch.equal(dA0, out[3]) and torch.equal(dB0, out[4])
 
 
@@ -229,7 +210,7 @@ def test_16bit_stores_round_to_nearest_even(kernels, dtype, exact):
     assert torch.equal(y[1:, cols], expected[1:, cols])
 
 
-@pytest.mark.parametrize("M,K,N,r", FP32_PATH_SHAPES)
+@pytest.mark.parametrize("M,K,N,r", SIMD_PATH_SHAPES)
 def test_float32_avx512_and_avx2_kernels_agree_bit_for_bit(M, K, N, r):
     # The two copies of lora_simd_kernels.inc do every output element's float operations in the
     # same order; only the vector width differs.
