@@ -324,10 +324,11 @@ const bool* mask_ptr(const c10::optional<at::Tensor>& mask, at::Tensor& holder) 
 }
 
 // ---------------------------------------------------------------------------------------------
-// fp32 kernels with explicit SIMD (the generic K1 above compiles to partly scalar code and
-// measured ~12 cycles per element of g in the backward's project pass; these ~1-2 with AVX2):
-// lora_simd_kernels.inc compiled twice, for AVX2 + FMA and for AVX-512, each in its own
-// namespace. GCC only (#pragma GCC target); other compilers take the BLAS path.
+// Kernels with explicit SIMD for fp32 (and 16-bit inputs widened to it) (the generic K1 above
+// compiles to partly scalar code and measured ~12 cycles per element of g in the backward's
+// project pass; these ~1-2 with AVX2): lora_simd_kernels.inc compiled twice, for AVX2 + FMA (+
+// F16C) and for AVX-512, each in its own namespace. GCC only (#pragma GCC target); other
+// compilers take the BLAS path.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define GSLORA_HAVE_SIMD_PATH 1
 // 16-bit floats as the kernels see them: raw bits (c10's types have inline code that must not be
@@ -385,8 +386,8 @@ namespace avx512 {
 }  // namespace avx512
 #endif
 
-// Which fp32 kernels run (cpu_kernels.h): levels in kLevelNames' order, each needing the ones
-// before it.
+// Which kernels run (cpu_kernels.h): levels in kLevelNames' order, each needing the ones before
+// it.
 constexpr const char* kLevelNames[] = {"blas", "avx2", "avx512"};
 constexpr int kLevels = 3;
 

@@ -181,10 +181,11 @@ def _settings() -> Any:
 
 
 def cpu_kernels() -> str:
-    """The LoRA linear's fp32 CPU kernels in use: ``'avx512'``, ``'avx2'`` or ``'blas'``.
+    """The LoRA linear's CPU kernels in use: ``'avx512'``, ``'avx2'`` or ``'blas'``.
 
-    The SIMD kernels compute the rank-r products around the frozen GEMM; ``'blas'`` leaves every
-    product to ATen's BLAS (the path of CPUs without AVX2). Default: the best the CPU supports,
+    The SIMD kernels compute the rank-r products around the frozen GEMM, for fp32, bf16 and fp16
+    inputs without a dropout mask; ``'blas'`` leaves every product to ATen's BLAS in fp32 and
+    fp64, and 16-bit inputs to the generic row kernels (the path of CPUs without AVX2). Default: the best the CPU supports,
     capped by the ``GSLORA_CPU_KERNELS`` environment variable when set. ``avx512`` and ``avx2``
     give the same bits.
     """
@@ -192,7 +193,7 @@ def cpu_kernels() -> str:
 
 
 def set_cpu_kernels(name: str) -> str:
-    """Selects the fp32 CPU kernels (one of :func:`cpu_kernels_supported`) for the whole
+    """Selects the LoRA linear's CPU kernels (one of :func:`cpu_kernels_supported`) for the whole
     process; returns the previous choice."""
     return _settings().set_cpu_kernels(name)
 
@@ -276,7 +277,7 @@ class ExtensionBackend:
     def details(self) -> str | None:
         if self.device_type != "cpu":
             return None
-        return (f"fp32 LoRA kernels: {cpu_kernels()}; "
+        return (f"LoRA kernels: {cpu_kernels()}; "
                 f"supported: {', '.join(cpu_kernels_supported())}")
 
     def lora_linear_fwd(self, x, weight, bias, lora_A, lora_B, scaling, mask=None, keep_scale=1.0):

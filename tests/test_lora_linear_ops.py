@@ -143,7 +143,7 @@ def cpu_kernels(request):
 # The SIMD paths split rows, A^T / s B^T columns and the partial sums' reduction over the threads
 # of one region: rows crossing 256-row sum blocks and 64-row dA blocks, ranks with 32-, 16- and
 # 8-column passes and padding (13, 24, 40), K and N tails of the 16- and 8-lane vectors, a merged
-# forward (M r > 64 K), M below two 32-row blocks (one thread) and a team with an odd row split.
+# forward (fp32, M r > 64 K), M below two 32-row blocks (one thread) and a team with an odd row split.
 SIMD_PATH_SHAPES = [(600, 37, 45, 13), (1100, 64, 48, 16), (70, 31, 17, 24), (63, 24, 40, 5),
                     (33, 40, 24, 8), (257, 385, 1537, 9), (90, 57, 83, 40), (300, 48, 40, 32)]
 
@@ -248,7 +248,7 @@ def test_cpu_kernels_setting():
         assert gslora.backends.cpu_kernels() == "blas"
         with pytest.raises(RuntimeError, match="unknown CPU kernels 'sse'"):
             set_cpu_kernels("sse")
-        assert "fp32 LoRA kernels: blas" in gslora.describe_backends("cpu")
+        assert "LoRA kernels: blas" in gslora.describe_backends("cpu")
     finally:
         assert set_cpu_kernels(before) == "blas"
     if "avx512" not in supported:
