@@ -1,30 +1,29 @@
 // CPU kernels of the LoRA linear: y = x W^T + b + s (d(x) A^T) B^T and its backward.
 //
-// fp32 / fp64 / bf16 / fp16 without dropout (the training hot path; measured on an AMD EPYC
-// with MKL, and on an Intel Xeon):
-//   forward : xa = x A^T; y = b + x W_eff^T with W_eff = W + s B A when M r > 64 K, else
-//             y = b + xa (s B)^T (written once) and then y += x W^T inside the big GEMM
-//             (beta = 1: y is read in its microkernel). Except in fp64 the rank-r products are
-//             explicit SIMD kernels (Kernels::xa_rows, adapter_rows) in one parallel region
-//             (fwd_simd); with the "blas" kernels (cpu_kernels.h), BLAS ([xa | 1] [s B | b]^T for
-//             the second).
+// The training hot path (measured on an AMD EPYC with MKL, and on an Intel Xeon):
+//   forward : xa = d(x) A^T; y = b + x W_eff^T with W_eff = W + s B A when M r > 64 K (fp32 and
+//             fp64 without dropout), else y = b + xa (s B)^T (written once) and then y += x W^T
+//             inside the big GEMM (beta = 1: y is read in its microkernel). For fp32 and the
+//             16-bit dtypes the rank-r products are explicit SIMD kernels (Kernels::xa_rows,
+//             adapter_rows) in one parallel region (fwd_simd); for fp64, and for fp32 with the
+//             "blas" kernels (cpu_kernels.h), BLAS ([xa | 1] [s B | b]^T for the second).
 //   backward: ONE fused pass over g gives s u = s g B and dB = s g^T xa (explicit SIMD: BLAS
 //             reads g for these rank-r products at a few GB/s, and g^T xa as BLAS sees it costs
-//             as much as the big GEMM); then one pass over the rows writes dx = (s u) A and
-//             sums dA = (s u)^T x (SIMD: MKL took 3-5x the time of a write of dx / a read of x
-//             for these), and dx += g W inside the big GEMM (beta = 1). In fp32 all but the GEMM
-//             run in one parallel region (bwd_simd). With the "blas" kernels: BLAS.
+//             as much as the big GEMM); then one pass over the rows writes dx = d'((s u) A) and
+//             sums dA = (s u)^T d(x) (SIMD: MKL took 3-5x the time of a write of dx / a read of
+//             x for these), and dx += g W inside the big GEMM (beta = 1). All but the GEMM run
+//             in one parallel region (bwd_simd). fp64 and the "blas" kernels: BLAS.
 //   The SIMD kernels (lora_simd_kernels.inc) exist for AVX2 and for AVX-512: MKL's GEMM uses
 //   AVX-512 where the CPU has it, twice the multiply-adds per instruction, and the rank-r passes
 //   must keep pace with it. bf16 and fp16 take the same SIMD kernels: they widen x and g to
 //   float as they read them and round y and dx as they write them (the adapter math is float),
 //   and the big GEMMs run in the 16-bit dtype (oneDNN); no merge (a 16-bit W_eff would round
-//   the adapter's small update away). The generic row-block kernels below, which took them
-//   before, cost 1.2-3.0x the frozen layer
-//   (benchmarks/results/lora-linear-16bit-xeon-20261130-before.jsonl).
-//   With a dropout mask W_eff is not an identity, so masked calls (and every dtype at the
-//   "blas" level) take the fused row-block kernels below (whose u / dB pass is the same SIMD
-//   kernel for fp32).
+//   the adapter's small update away). A dropout mask (d: x * keep where the mask is set, else 0)
+//   is applied as x's rows are widened for the x A^T and dA passes and on dx's store; no merge
+//   (x W_eff^T would apply the adapter to the undropped x). The generic row-block kernels below,
+//   which took 16-bit and masked calls before, cost 1.2-3.0x the frozen layer for 16-bit inputs
+//   (benchmarks/results/lora-linear-16bit-xeon-20261130-before.jsonl); they remain for the
+//   masked fp64 and the 16-bit calls at the "blas" level.
 //
 // Fused row-block kernels. The two big products (x W^T in the forward, g W in the backward) go to ATen's GEMM (MKL /
 // oneDNN). Everything the adapter adds is memory traffic over skinny [M, r] products, so it runs
@@ -464,16 +463,19 @@ at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_A,
 // the adapter term as slowly as the bias copy of a plain Linear times six at M = 788, N = 2048).
 // The adapter math is float for every T (xa is rounded to T only for the backward, as the
 // generic path does); a 16-bit W_eff would round the adapter's small update away, so 16-bit
-// inputs never merge.
+// inputs never merge. With a dropout mask xa = d(x) A^T (x widened and masked row block by row
+// block) and no merge (x W_eff^T would apply the adapter to the undropped x).
 template <class Kern, typename T>
 std::tuple<at::Tensor, at::Tensor> fwd_simd(const at::Tensor& x, const at::Tensor& weight,
                                             const c10::optional<at::Tensor>& bias,
                                             const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                            double scaling, bool merge) {
+                                            double scaling, const bool* mask, double keep_scale,
+                                            bool merge) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   const int64_t RP = padded_rank(r);
   const bool wide16 = !std::is_same_v<T, float>;  // 16-bit x and y
-  merge = merge && !wide16;
+  const bool widen = wide16 || mask != nullptr;   // the x A^T pass reads widened rows
+  merge = merge && !wide16 && mask == nullptr;
   const at::Tensor b = (bias.has_value() && bias->defined())
                            ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor A32 = lora_A.to(at::kFloat).contiguous();
@@ -483,16 +485,16 @@ std::tuple<at::Tensor, at::Tensor> fwd_simd(const at::Tensor& x, const at::Tenso
   at::Tensor sBt = merge ? at::Tensor() : at::empty({r, N}, f32);
   at::Tensor xa_p = at::empty({M, RP}, f32);
   at::Tensor y = merge ? at::Tensor() : at::empty({M, N}, x.options());
-  at::Tensor wide = wide16 ? at::empty({at::get_num_threads() * Kern::widen_rows * K}, f32)
-                           : at::Tensor();
+  at::Tensor wide = widen ? at::empty({at::get_num_threads() * Kern::widen_rows * K}, f32)
+                          : at::Tensor();
   const auto* xp = storage_ptr<T>(x);
   const float *a = A32.const_data_ptr<float>(), *bsrc = B32.const_data_ptr<float>();
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   float *at_ = At.data_ptr<float>(), *bt = merge ? nullptr : sBt.data_ptr<float>();
   float* xap = xa_p.data_ptr<float>();
   auto* yp = merge ? nullptr : storage_ptr<T>(y);
-  float* widep = wide16 ? wide.data_ptr<float>() : nullptr;
-  const float s = static_cast<float>(scaling);
+  float* widep = widen ? wide.data_ptr<float>() : nullptr;
+  const float s = static_cast<float>(scaling), keep = static_cast<float>(keep_scale);
   run_team(M, [&](int tid, int team) {
     const auto [k0, k1] = team_share(K, tid, team);
     Kern::transpose_scaled(a, K, 0, r, k0, k1, 1.0f, at_, RP);  // A^T
@@ -504,9 +506,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_simd(const at::Tensor& x, const at::Tenso
     }
 #pragma omp barrier
     const auto [m0, m1] = team_share(M, tid, team, RB);
-    float* w = wide16 ? widep + tid * Kern::widen_rows * K : nullptr;
-    Kern::xa_rows(xp, K, at_, RP, xap, w, m0, m1);
-    if (!merge) Kern::adapter_rows(xap, RP, r, bt, bp, yp, N, m0, m1);
+    float* w = widen ? widep + tid * Kern::widen_rows * K : nullptr;
+    Kern::xa_rows(xp, K, mask, keep, at_, RP, xap, w, m0, m1);
+    if (!merge) Kern::adapter_rows(xap, RP, r, bt, bp, yp, N, nullptr, 1.0f, m0, m1);
   });
   if (merge) {
     const at::Tensor w_eff = merged_weight(weight, lora_A, lora_B, scaling);
@@ -525,11 +527,13 @@ std::tuple<at::Tensor, at::Tensor> fwd_simd(const at::Tensor& x, const at::Tenso
 // dA = (s u)^T x (MKL took 3-5x the time of a write of dx / a read of x for these). After a
 // barrier each thread adds up its rows of dB and dA from all the partials. Then dx += g W inside
 // the big GEMM (beta = 1): measured as fast as g W_eff for every M (which costs two passes over
-// [N, K]). The adapter math is float for every T; dA and dB are rounded to T at the end.
+// [N, K]). The adapter math is float for every T; dA and dB are rounded to T at the end. With a
+// dropout mask: dx = g W + d'((s u) A) and dA = (s u)^T d(x), x widened and masked per block.
 template <class Kern, typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_simd(
     const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, bool compute_dx) {
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, const bool* mask,
+    double keep_scale, bool compute_dx) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   const int64_t RP = padded_rank(r);
   const bool wide16 = !std::is_same_v<T, float>;  // 16-bit g, x and dx
@@ -539,11 +543,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_simd(
   const at::Tensor A32 = lora_A.to(at::kFloat).contiguous();
   at::Tensor us = at::empty({M, RP}, f32);                 // s u = s g B (padded columns 0)
   // Per thread: its partial of g^T xa [N, RP], then its partial of dA [r, K], then (when its rows
-  // may span more than one row-sum block) the project pass's scratch block [N, RP], then (16-bit
-  // g) the widened rows of g.
+  // may span more than one row-sum block) the project pass's scratch block [N, RP], then the
+  // widened rows of g (16-bit) and of d(x) (masked), one after the other.
   const int64_t part_len = N * RP + r * K;
   const int64_t scratch_len = M > Kern::row_sum_block ? N * RP : 0;
-  const int64_t stride = part_len + scratch_len + (wide16 ? Kern::widen_rows * N : 0);
+  const int64_t wide_len = std::max(wide16 ? Kern::widen_rows * N : 0,
+                                    mask != nullptr ? Kern::outer_rows_block * K : 0);
+  const int64_t stride = part_len + scratch_len + wide_len;
   at::Tensor parts = at::empty({at::get_num_threads() * stride}, f32);
   at::Tensor dx = compute_dx ? at::empty({M, K}, x.options()) : at::empty({0}, x.options());
   at::Tensor dA = at::empty({r, K}, f32);
@@ -554,7 +560,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_simd(
   float *up = us.data_ptr<float>(), *pp = parts.data_ptr<float>();
   auto* dxp = compute_dx ? storage_ptr<T>(dx) : nullptr;
   float *dAp = dA.data_ptr<float>(), *dBp = dB.data_ptr<float>();
-  const float s = static_cast<float>(scaling);
+  const float s = static_cast<float>(scaling), keep = static_cast<float>(keep_scale);
   run_team(M, [&](int tid, int team) {
     float* dB_t = pp + tid * stride;
     float* dA_t = dB_t + N * RP;
@@ -562,8 +568,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_simd(
     std::fill(dB_t, dB_t + part_len, 0.0f);
     const auto [m0, m1] = team_share(M, tid, team, RB);
     Kern::project_rows(gp, N, bptr, RP, xap, s, up, dB_t, dB_t + part_len, wide, m0, m1);
-    if (dxp != nullptr) Kern::adapter_rows(up, RP, r, ap, nullptr, dxp, K, m0, m1);
-    Kern::outer_rows(up, RP, r, xp, K, dA_t, m0, m1);
+    if (dxp != nullptr) Kern::adapter_rows(up, RP, r, ap, nullptr, dxp, K, mask, keep, m0, m1);
+    Kern::outer_rows(up, RP, r, xp, K, mask, keep, dA_t, wide, m0, m1);
 #pragma omp barrier
     const auto [n0, n1] = team_share(N, tid, team);
     sum_partials<float>(pp, stride, team, RP, r, s, dBp, n0, n1);  // dB = s g^T xa
@@ -579,15 +585,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_simd(
 template <typename T>
 bool fwd_simd_at_level(const at::Tensor& x, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                       const at::Tensor& lora_B, double scaling,
-                       std::tuple<at::Tensor, at::Tensor>& out) {
+                       const at::Tensor& lora_B, double scaling, const bool* mask,
+                       double keep_scale, std::tuple<at::Tensor, at::Tensor>& out) {
   const bool merge = merge_forward(x.size(0), x.size(1), lora_A.size(0));
   switch (selected_level().load()) {
     case 2:
-      out = fwd_simd<avx512::Kernels, T>(x, weight, bias, lora_A, lora_B, scaling, merge);
+      out = fwd_simd<avx512::Kernels, T>(x, weight, bias, lora_A, lora_B, scaling, mask,
+                                         keep_scale, merge);
       return true;
     case 1:
-      out = fwd_simd<avx2::Kernels, T>(x, weight, bias, lora_A, lora_B, scaling, merge);
+      out = fwd_simd<avx2::Kernels, T>(x, weight, bias, lora_A, lora_B, scaling, mask,
+                                       keep_scale, merge);
       return true;
     default: return false;
   }
@@ -596,14 +604,16 @@ bool fwd_simd_at_level(const at::Tensor& x, const at::Tensor& weight,
 template <typename T>
 bool bwd_simd_at_level(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight,
                        const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa,
-                       double scaling, bool compute_dx,
+                       double scaling, const bool* mask, double keep_scale, bool compute_dx,
                        std::tuple<at::Tensor, at::Tensor, at::Tensor>& out) {
   switch (selected_level().load()) {
     case 2:
-      out = bwd_simd<avx512::Kernels, T>(g, x, weight, lora_A, lora_B, xa, scaling, compute_dx);
+      out = bwd_simd<avx512::Kernels, T>(g, x, weight, lora_A, lora_B, xa, scaling, mask,
+                                         keep_scale, compute_dx);
       return true;
     case 1:
-      out = bwd_simd<avx2::Kernels, T>(g, x, weight, lora_A, lora_B, xa, scaling, compute_dx);
+      out = bwd_simd<avx2::Kernels, T>(g, x, weight, lora_A, lora_B, xa, scaling, mask,
+                                       keep_scale, compute_dx);
       return true;
     default: return false;
   }
@@ -617,12 +627,6 @@ std::tuple<at::Tensor, at::Tensor> fwd_blas(const at::Tensor& x, const at::Tenso
                                             double scaling) {
   const int64_t M = x.size(0), K = x.size(1);
   const bool has_bias = bias.has_value() && bias->defined();
-#ifdef GSLORA_HAVE_SIMD_PATH
-  if constexpr (std::is_same_v<T, float>) {
-    std::tuple<at::Tensor, at::Tensor> out;
-    if (fwd_simd_at_level<T>(x, weight, bias, lora_A, lora_B, scaling, out)) return out;
-  }
-#endif
   at::Tensor xa = at::mm(x, lora_A.t());  // [M, r], one read of x
   at::Tensor y;
   if (merge_forward(M, K, lora_A.size(0))) {
@@ -647,13 +651,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_blas(
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, bool compute_dx) {
   using A = acc_t<T>;
   static_assert(std::is_same_v<A, T>, "fp32 / fp64 only");
-#ifdef GSLORA_HAVE_SIMD_PATH
-  if constexpr (std::is_same_v<T, float>) {
-    std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
-    if (bwd_simd_at_level<T>(g, x, weight, lora_A, lora_B, xa, scaling, compute_dx, out))
-      return out;
-  }
-#endif
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   const int64_t RP = padded_rank(r);
   const int nthreads = at::get_num_threads();
@@ -734,27 +731,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(
     const A *Bptr = Bp.data_ptr<A>(), *xap = xa_p.data_ptr<A>();
     A* up = u.data_ptr<A>();
     A* dBp = dB_part.data_ptr<A>();
-#ifdef GSLORA_HAVE_SIMD_PATH
-    // fp32: the SIMD project pass, with a scratch block per thread for its later row-sum blocks
-    // (only rows past the first block use it, as in bwd_simd).
-    const int level = std::is_same_v<T, float> ? selected_level().load() : 0;
-    const bool need_scratch = level > 0 && M > avx2::Kernels::row_sum_block;
-    at::Tensor scratch = need_scratch ? at::empty({nthreads, N * RP}, u.options()) : at::Tensor();
-#endif
     // One pass over g: u = g B and dB += g^T xa.
     parallel_rows(M, [&](int64_t tid, int64_t m0, int64_t m1) {
       A* dBt = dBp + tid * N * RP;
-#ifdef GSLORA_HAVE_SIMD_PATH
-      if constexpr (std::is_same_v<T, float>) {
-        float* sc = need_scratch ? scratch.data_ptr<float>() + tid * N * RP : nullptr;
-        if (level == 2)
-          return avx512::Kernels::project_rows(gp, N, Bptr, RP, xap, 1.0f, up, dBt, sc, nullptr, m0,
-                                               m1);
-        if (level == 1)
-          return avx2::Kernels::project_rows(gp, N, Bptr, RP, xap, 1.0f, up, dBt, sc, nullptr, m0,
-                                             m1);
-      }
-#endif
       RowKernels<T>::k1(gp, N, nullptr, A(1), A(1), Bptr, RP, up, xap, dBt, m0, m1);
     });
   }
@@ -790,15 +769,21 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
   const bool* mp = mask_ptr(mask, mask_holder);
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_linear_fwd_cpu", [&] {
-    if (mp == nullptr && x.size(0) > 0) {
-      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-        out = fwd_blas<scalar_t>(x, weight, bias, lora_A, lora_B, scaling);
-        return;
-      } else {
+    if (x.size(0) > 0) {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
 #ifdef GSLORA_HAVE_SIMD_PATH
-        // 16-bit: the SIMD kernels widen x to float as they read it.
-        if (fwd_simd_at_level<scalar_t>(x, weight, bias, lora_A, lora_B, scaling, out)) return;
+        // fp32 and 16-bit, with or without a dropout mask: the SIMD kernels (16-bit or masked
+        // rows of x widened to float as they are read).
+        if (fwd_simd_at_level<scalar_t>(x, weight, bias, lora_A, lora_B, scaling, mp, keep_scale,
+                                        out))
+          return;
 #endif
+      }
+      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+        if (mp == nullptr) {
+          out = fwd_blas<scalar_t>(x, weight, bias, lora_A, lora_B, scaling);
+          return;
+        }
       }
     }
     out = fwd_impl<scalar_t>(x, weight, bias, lora_A, lora_B, scaling, mp, keep_scale);
@@ -817,18 +802,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   const bool* mp = mask_ptr(mask, mask_holder);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_linear_bwd_cpu", [&] {
-    if (mp == nullptr && x.size(0) > 0) {
-      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-        out = bwd_blas<scalar_t>(g, x, weight, lora_A, lora_B, xa_in.contiguous(), scaling,
-                                 compute_dx);
-        return;
-      } else {
+    if (x.size(0) > 0) {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
 #ifdef GSLORA_HAVE_SIMD_PATH
-        // 16-bit: the SIMD kernels widen g and x to float as they read them.
+        // fp32 and 16-bit, with or without a dropout mask: the SIMD kernels.
         if (bwd_simd_at_level<scalar_t>(g, x, weight, lora_A, lora_B, xa_in.contiguous(), scaling,
-                                        compute_dx, out))
+                                        mp, keep_scale, compute_dx, out))
           return;
 #endif
+      }
+      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+        if (mp == nullptr) {
+          out = bwd_blas<scalar_t>(g, x, weight, lora_A, lora_B, xa_in.contiguous(), scaling,
+                                   compute_dx);
+          return;
+        }
       }
     }
     out = bwd_impl<scalar_t>(g, x, weight, lora_A, lora_B, xa_in, scaling, mp, keep_scale,

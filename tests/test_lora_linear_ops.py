@@ -148,13 +148,15 @@ SIMD_PATH_SHAPES = [(600, 37, 45, 13), (1100, 64, 48, 16), (70, 31, 17, 24), (63
                     (33, 40, 24, 8), (257, 385, 1537, 9), (90, 57, 83, 40), (300, 48, 40, 32)]
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("M,K,N,r", SIMD_PATH_SHAPES)
-def test_fused_path_per_kernels_and_thread_count(cpu_kernels, dtype, threads, M, K, N, r):
-    # 16-bit inputs take the same SIMD kernels: x and g rows widened (16 at a time) to float, y and
-    # dx rounded on their store; the "blas" level takes BLAS (fp32) or the generic row kernels.
-    x, W, b, A, B, mask, keep = _inputs(M, K, N, r, dtype, "cpu")
+def test_fused_path_per_kernels_and_thread_count(cpu_kernels, dtype, threads, M, K, N, r, dropout):
+    # 16-bit and masked inputs take the same SIMD kernels: rows of x and g widened (and masked) to
+    # float, y and dx rounded (and masked) on their store; the "blas" level takes BLAS (fp32
+    # without a mask) or the generic row kernels.
+    x, W, b, A, B, mask, keep = _inputs(M, K, N, r, dtype, "cpu", dropout=dropout)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -211,13 +213,13 @@ def test_16bit_stores_round_to_nearest_even(kernels, dtype, exact):
 
 
 @pytest.mark.parametrize("M,K,N,r", SIMD_PATH_SHAPES)
-def test_float32_avx512_and_avx2_kernels_agree_bit_for_bit(M, K, N, r):
+def test_avx512_and_avx2_kernels_agree_bit_for_bit(M, K, N, r):
     # The two copies of lora_simd_kernels.inc do every output element's float operations in the
     # same order; only the vector width differs.
     if "avx512" not in cpu_kernels_supported():
         pytest.skip("this CPU cannot run the avx512 kernels")
     x, W, b, A, B, mask, keep = _inputs(M, K, N, r, torch.float32, "cpu")
-    # With a dropout mask, the backward's project pass of the masked path (same kernels).
+    # With a dropout mask: masked rows widened for x A^T and dA, masked stores of dx.
     mask = torch.rand(M, K, generator=torch.Generator().manual_seed(3)) >= 0.2
     # 16-bit inputs: the same float kernels on widened rows, the same rounding on the store.
     low = [t.to(torch.bfloat16) for t in (x, W, b, A, B)], [t.half() for t in (x, W, b, A, B)]
@@ -230,10 +232,12 @@ def test_float32_avx512_and_avx2_kernels_agree_bit_for_bit(M, K, N, r):
             masked, _ = _run("cpu", x, W, b, A, B, 0.37, mask, 1.25, g=g)
             outs[name] = plain + masked
             for args in low:
-                outs[name] += _run("cpu", *args, 0.37, None, 1.0, g=g.to(args[0].dtype))[0]
+                g16 = g.to(args[0].dtype)
+                outs[name] += _run("cpu", *args, 0.37, None, 1.0, g=g16)[0]
+                outs[name] += _run("cpu", *args, 0.37, mask, 1.25, g=g16)[0]
     finally:
         set_cpu_kernels(before)
-    kinds = ("plain", "masked", "bf16", "fp16")
+    kinds = ("plain", "masked", "bf16", "bf16 masked", "fp16", "fp16 masked")
     for i, (a, e) in enumerate(zip(outs["avx512"], outs["avx2"], strict=True)):
         assert torch.equal(a, e), f"{NAMES[i % 5]} ({kinds[i // 5]})"
 
