@@ -10,9 +10,10 @@ r = 8 and 16, s = lora_alpha / r with lora_alpha = 1 (the authors' setting). Pro
 * ``plain``         a frozen ``nn.Linear`` (the floor: what the layer costs without any adapter)
 
 The input requires grad (a layer inside a network computes dx), so even the frozen plain
-Linear has a backward: dx = g W. Ratios are against ``plain``.
+Linear has a backward: dx = g W. Ratios are against ``plain``. ``--dropout p`` gives every
+adapter a LoRA dropout (training mode; the mask is drawn on every call, as in training).
 
-    python -m benchmarks.bench_lora_linear [--quick] [--device cuda] [--plot lora.png]
+    python -m benchmarks.bench_lora_linear [--quick] [--device cuda] [--dropout 0.1] [--plot lora.png]
 """
 
 from __future__ import annotations
@@ -67,8 +68,10 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def build_providers(names: Sequence[str], K: int, N: int, r: int, device: torch.device,
-                    dtype: torch.dtype, seed: int = 0) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
-    """The modules to compare (same frozen base, same A and B) and per-provider info."""
+                    dtype: torch.dtype, seed: int = 0, dropout: float = 0.0
+                    ) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
+    """The modules to compare (same frozen base, same A and B, the same LoRA dropout; in
+    training mode) and per-provider info."""
     gen = torch.Generator().manual_seed(seed)
     base = _Wrap(nn.Linear(K, N)).to(device, dtype).requires_grad_(False)
     factors = {"fc": lora_factors(K, N, r, device=device, dtype=dtype, generator=gen)}
@@ -77,15 +80,17 @@ def build_providers(names: Sequence[str], K: int, N: int, r: int, device: torch.
     for name in names:
         try:
             if name == "gslora":
-                mods[name] = to_gslora(base, ["fc"], r, 1.0, factors)
+                mods[name] = to_gslora(base, ["fc"], r, 1.0, factors, lora_dropout=dropout)
                 info[name] = {"backend": gslora_backend_name(device)}
             elif name == "reference":
-                mods[name] = to_gslora(base, ["fc"], r, 1.0, factors, backend="torch")
+                mods[name] = to_gslora(base, ["fc"], r, 1.0, factors, backend="torch",
+                                       lora_dropout=dropout)
                 info[name] = {"backend": "torch"}
             elif name == "peft":
-                mods[name] = to_peft(base, ["fc"], r, 1.0, factors)
+                mods[name] = to_peft(base, ["fc"], r, 1.0, factors, lora_dropout=dropout)
             elif name == "peft+compile":
-                mods[name] = torch.compile(to_peft(base, ["fc"], r, 1.0, factors))
+                mods[name] = torch.compile(to_peft(base, ["fc"], r, 1.0, factors,
+                                                   lora_dropout=dropout))
             elif name == "plain":
                 mods[name] = base
         except Exception as exc:  # reported as a failed provider by the harness
@@ -100,7 +105,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--m", default=None, help="rows M, e.g. 256,4096")
     p.add_argument("--r", default=None, help="LoRA ranks, e.g. 8,16")
     p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16, fp16")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="LoRA dropout of every adapter provider (default 0, the authors' setting)")
     args = p.parse_args(argv)
+    if not 0.0 <= args.dropout < 1.0:
+        raise SystemExit(f"--dropout must lie in [0, 1), got {args.dropout}")
     grid = QUICK if args.quick else FULL
     kns = _pairs(args.kn) if args.kn else grid["kn"]
     ms = _ints(args.m, "--m") if args.m else grid["m"]
@@ -112,14 +121,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     for K, N in kns:
         for r in ranks:
-            mods, info = build_providers(names, K, N, r, dev, dtype)
+            mods, info = build_providers(names, K, N, r, dev, dtype, dropout=args.dropout)
             for M in ms:
                 gen = torch.Generator().manual_seed(M)
                 x = torch.randn(M, K, generator=gen).to(dev, dtype).requires_grad_(True)
                 g = torch.randn(M, N, generator=gen).to(dev, dtype)
                 phases = training_phase_cases(mods, x, g)
-                label = f"M={M} K={K} N={N} r={r}"
-                params = {"M": M, "K": K, "N": N, "r": r, "size": M * K * N}
+                label = f"M={M} K={K} N={N} r={r}" + (f" p={args.dropout:g}" if args.dropout else "")
+                params = {"M": M, "K": K, "N": N, "r": r, "size": M * K * N,
+                          "dropout": args.dropout}
                 for phase in PHASES:
                     res = run.compare(phases[phase])
                     run.add(label, params, phase, res, baseline="plain" if "plain" in names else None,

@@ -36,7 +36,8 @@ def lora_factors(in_features: int, out_features: int, r: int, *, device: torch.d
 
 
 def to_gslora(model: nn.Module, targets: Sequence[str], r: int, lora_alpha: float,
-              factors: dict[str, tuple[Tensor, Tensor]], backend: str | None = None) -> nn.Module:
+              factors: dict[str, tuple[Tensor, Tensor]], backend: str | None = None,
+              lora_dropout: float = 0.0) -> nn.Module:
     """A deep copy of ``model`` with the ``nn.Linear`` submodules named ``targets`` (dotted
     paths) replaced by ``GSLoRALinear`` holding ``factors[name] = (A, B)``; all else frozen."""
     from gslora import GSLoRALinear
@@ -49,7 +50,8 @@ def to_gslora(model: nn.Module, targets: Sequence[str], r: int, lora_alpha: floa
         linear = getattr(parent, leaf)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"target {name!r} is a {type(linear).__name__}, not nn.Linear")
-        layer = GSLoRALinear.from_linear(linear, r=r, lora_alpha=lora_alpha, backend=backend)
+        layer = GSLoRALinear.from_linear(linear, r=r, lora_alpha=lora_alpha,
+                                         lora_dropout=lora_dropout, backend=backend)
         with torch.no_grad():
             layer.lora_A.copy_(factors[name][0])
             layer.lora_B.copy_(factors[name][1])
@@ -58,15 +60,15 @@ def to_gslora(model: nn.Module, targets: Sequence[str], r: int, lora_alpha: floa
 
 
 def to_peft(model: nn.Module, targets: Sequence[str], r: int, lora_alpha: float,
-            factors: dict[str, tuple[Tensor, Tensor]]) -> nn.Module:
+            factors: dict[str, tuple[Tensor, Tensor]], lora_dropout: float = 0.0) -> nn.Module:
     """A deep copy of ``model`` with PEFT LoRA (``get_peft_model``) on ``targets``, holding the
     same factors. Returns the user's model with the LoRA layers injected (not the PeftModel
     wrapper, whose generic ``forward`` only forwards the call)."""
     from peft import LoraConfig, get_peft_model
 
     model = copy.deepcopy(model)
-    config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(targets),
-                        bias="none")
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                        target_modules=list(targets), bias="none")
     peft_model = get_peft_model(model, config)
     inner = peft_model.base_model.model
     for name in targets:

@@ -191,3 +191,26 @@ def test_bench_lora_linear_tiny_run_writes_records_and_report(tmp_path, capsys):
     assert "## LoRA linear (issue 2) — cpu, float32" in md
     assert "| M=16 K=32 N=48 r=4 | fwd+bwd | gslora |" in md
     assert "LoRA linear fwd+bwd ≤ 1.10× the frozen plain Linear" in md
+
+
+def test_bench_lora_linear_dropout_reaches_every_adapter_provider(tmp_path, capsys):
+    from benchmarks import bench_lora_linear
+
+    mods, _ = bench_lora_linear.build_providers(["gslora", "reference", "peft", "plain"], 32, 48, 4,
+                                                torch.device("cpu"), torch.float32, dropout=0.5)
+    x = torch.randn(64, 32)
+    for name in ("gslora", "reference", "peft"):
+        assert mods[name].training
+        diff = mods[name](x) - mods["plain"](x)  # the adapter's term alone
+        again = mods[name](x) - mods["plain"](x)
+        assert not torch.equal(diff, again), f"{name}: no fresh dropout mask per call"
+    records = bench_lora_linear.main([
+        "--quick", "--kn", "32x48", "--m", "16", "--r", "4", "--dropout", "0.25",
+        "--providers", "gslora,peft,plain", "--out", str(tmp_path / "lora.jsonl"),
+        "--warmup", "1", "--min-reps", "2", "--max-reps", "2", "--target-time", "0.001",
+    ])
+    assert "M=16 K=32 N=48 r=4 p=0.25" in capsys.readouterr().out
+    results = [r for r in records if r.get("type") != "meta"]
+    assert results and all(r["error"] is None and r["params"]["dropout"] == 0.25 for r in results)
+    with pytest.raises(SystemExit):
+        bench_lora_linear.main(["--quick", "--dropout", "1.0"])
