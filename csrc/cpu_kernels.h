@@ -1,9 +1,9 @@
-// Which CPU kernels the LoRA linear runs for its rank-r products (fp32, bf16, fp16 without a
-// dropout mask): "avx512", "avx2" (explicit SIMD kernels, lora_simd_kernels.inc) or "blas"
-// (ATen's BLAS for every fp32 product, the generic row kernels for 16-bit inputs: the path of
-// CPUs and compilers without the SIMD kernels). The best the CPU supports by default, at most the level
-// named by GSLORA_CPU_KERNELS when set. Every level gives the same results up to rounding; avx2
-// and avx512 give the same bits.
+// Which CPU kernels the LoRA linear runs for its rank-r products (fp32, bf16, fp16, with or
+// without a dropout mask): "avx512", "avx2" (explicit SIMD kernels, lora_simd_kernels.inc) or
+// "blas" (ATen's BLAS for unmasked fp32, the generic row kernels for 16-bit or masked inputs: the
+// path of CPUs and compilers without the SIMD kernels). The best the CPU supports by default, at
+// most the level named by GSLORA_CPU_KERNELS when set. Every level gives the same results up to
+// rounding; avx2 and avx512 give the same bits.
 #pragma once
 
 #include <string>

@@ -147,8 +147,7 @@ GSLORA_INLINE void scale_impl(const T* in, T* out, int64_t n, acc_t<T> f) {
 // flight. (Before, the prox rewrote a whole piece of a group between pieces of the next group's
 // sum; the group bench's runs before and after this change are cited in README.md, “Speed”.)
 template <typename T>
-GSLORA_INLINE double sum_squares_scale_impl(const T* p, int64_t n, T* q, int64_t nq,
-                                                   acc_t<T> f) {
+GSLORA_INLINE double sum_squares_scale_impl(const T* p, int64_t n, T* q, int64_t nq, acc_t<T> f) {
   constexpr int64_t B = kSumBlockElems<T>;
   const bool rewrite = f != acc_t<T>(1);
   int64_t done = 0;  // q[0, done) rewritten

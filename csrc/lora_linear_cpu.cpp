@@ -22,8 +22,8 @@
 //   is applied as x's rows are widened for the x A^T and dA passes and on dx's store; no merge
 //   (x W_eff^T would apply the adapter to the undropped x). The generic row-block kernels below,
 //   which took 16-bit and masked calls before, cost 1.2-3.0x the frozen layer for 16-bit inputs
-//   (benchmarks/results/lora-linear-16bit-xeon-20261130-before.jsonl); they remain for the
-//   masked fp64 and the 16-bit calls at the "blas" level.
+//   (benchmarks/results/lora-linear-16bit-xeon-20261130-before.jsonl); they remain for masked
+//   fp64 calls and, at the "blas" level, for masked and 16-bit ones.
 //
 // Fused row-block kernels. The two big products (x W^T in the forward, g W in the backward) go to ATen's GEMM (MKL /
 // oneDNN). Everything the adapter adds is memory traffic over skinny [M, r] products, so it runs

@@ -183,9 +183,10 @@ def _settings() -> Any:
 def cpu_kernels() -> str:
     """The LoRA linear's CPU kernels in use: ``'avx512'``, ``'avx2'`` or ``'blas'``.
 
-    The SIMD kernels compute the rank-r products around the frozen GEMM, for fp32, bf16 and fp16
-    inputs without a dropout mask; ``'blas'`` leaves every product to ATen's BLAS in fp32 and
-    fp64, and 16-bit inputs to the generic row kernels (the path of CPUs without AVX2). Default: the best the CPU supports,
+    The SIMD kernels compute the rank-r products around the frozen GEMM for fp32, bf16 and fp16
+    inputs, with or without a dropout mask; ``'blas'`` (the path of CPUs without AVX2) leaves
+    them to ATen's BLAS for unmasked fp32, and to the generic row kernels for 16-bit or masked
+    inputs. fp64 always takes BLAS or the generic kernels. Default: the best the CPU supports,
     capped by the ``GSLORA_CPU_KERNELS`` environment variable when set. ``avx512`` and ``avx2``
     give the same bits.
     """
