@@ -13,6 +13,8 @@ namespace gslora {
 
 // The kernels in use.
 std::string cpu_kernels();
+// The same as a number: 0 blas, 1 avx2, 2 avx512 (for other CPU ops with SIMD versions).
+int cpu_kernel_level();
 // Selects the kernels (one of cpu_kernels_supported()) for every later call in the process;
 // returns the previous choice.
 std::string set_cpu_kernels(const std::string& name);

@@ -829,6 +829,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
 
 std::string cpu_kernels() { return kLevelNames[selected_level().load()]; }
 
+int cpu_kernel_level() { return selected_level().load(); }
+
 std::string set_cpu_kernels(const std::string& name) {
   const int level = level_of(name, "set_cpu_kernels");
   TORCH_CHECK(level <= best_level(), "set_cpu_kernels: this CPU or build cannot run the '", name,

@@ -21,6 +21,10 @@ TORCH_LIBRARY(gslora, m) {
   m.def(
       "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
       "float scaling, Tensor? mask, float keep_scale) -> Tensor");
+  // The LoRA dropout's keep mask, bool [M, K] for x [..., K] (M = x.numel() / K): Philox4x32-10
+  // words keyed by seed (an int64 scalar tensor) against p (dropout_cpu.cpp; its specification
+  // is gslora.reference.dropout_keep_mask).
+  m.def("dropout_mask(Tensor x, float p, Tensor seed) -> Tensor");
   m.def("group_sq_norms(Tensor[] tensors, int[] group_ids, int num_groups) -> Tensor");
   m.def("group_scale(Tensor[] tensors, int[] group_ids, Tensor coeffs) -> Tensor[]");
   m.def(

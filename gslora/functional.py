@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import reference
+from . import _ext, reference
 from .backends import select_backend
 
 # One C call for "is autocast on for any device" (torch.compile traces it as a guard).
@@ -21,6 +21,7 @@ __all__ = [
     "LoRALinearFunction",
     "GroupLassoPenaltyFunction",
     "lora_linear",
+    "dropout_keep_mask",
     "group_sq_norms",
     "group_norms",
     "group_lasso_penalty",
@@ -136,7 +137,7 @@ def lora_linear(
         rows = rows.contiguous()
     mask, keep_scale = None, 1.0
     if training and dropout > 0.0:
-        mask = torch.rand(rows.shape[:-1].numel(), rows.shape[-1], device=x.device) >= dropout
+        mask = dropout_keep_mask(rows, dropout)
         keep_scale = 1.0 / (1.0 - dropout)
     args = (rows, weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(),
             float(scaling), mask, keep_scale)
@@ -146,6 +147,24 @@ def lora_linear(
         with torch.autocast(x.device.type, enabled=False):
             y = fused(*args) if fused is not None else LoRALinearFunction.apply(*args, impl)
     return y if y.dim() == x.dim() else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def dropout_keep_mask(x: Tensor, p: float) -> Tensor:
+    """The keep mask of one LoRA dropout call on x [..., K]: bool [M, K], M = x.numel() / K.
+
+    On the CPU the mask is ``reference.dropout_keep_mask`` (Philox4x32-10 words against p; the
+    compiled op where gslora._C is built, the same bits) keyed by a seed drawn from torch's
+    default generator, so ``torch.manual_seed`` reproduces it, whatever the backend. On other
+    devices it is ``torch.rand(M, K) >= p`` there. (torch.rand's CPU generator draws one float
+    at a time on one thread: as costly as the adapter's whole forward and backward.)
+    """
+    rows, cols = x.shape[:-1].numel(), x.shape[-1]
+    if x.device.type != "cpu":
+        return torch.rand(rows, cols, device=x.device) >= p
+    seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)
+    if _ext.load_error() is None:
+        return torch.ops.gslora.dropout_mask(x, p, seed)
+    return reference.dropout_keep_mask(x, p, seed)
 
 
 def _group_backend(

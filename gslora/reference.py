@@ -44,6 +44,7 @@ __all__ = [
     "lora_linear",
     "lora_linear_fwd",
     "lora_linear_bwd",
+    "dropout_keep_mask",
     "group_sq_norms",
     "group_norms",
     "group_lasso_penalty",
@@ -61,6 +62,55 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     """s = lora_alpha / r (LoRA, the paper's choice) or lora_alpha / sqrt(r) (rsLoRA)."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_BUMP = (0x9E3779B9, 0xBB67AE85)
+_U32 = 0xFFFFFFFF
+_MASK_LANES = 16  # counters per block of the mask's layout
+
+
+def _mulhilo(a: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """High and low 32-bit words of a·m (a: int64 tensor of values < 2^32, m < 2^32), exact in
+    int64 arithmetic: a is split into 16-bit halves so that no product exceeds 2^48."""
+    t0, t1 = (a & 0xFFFF) * m, (a >> 16) * m
+    return (t1 + (t0 >> 16)) >> 16, (t0 + ((t1 & 0xFFFF) << 16)) & _U32
+
+
+def philox4x32_10(counter: Tensor, seed: int) -> Tensor:
+    """Philox4x32-10 (Salmon et al., SC'11) of the 64-bit counters {c mod 2^32, c div 2^32, 0, 0}
+    (counter: int64 tensor [C] of values >= 0) under the key {seed mod 2^32, seed div 2^32}
+    (seed: 0 <= seed < 2^64): its four 32-bit output words, int64 [4, C]."""
+    x = [counter & _U32, counter >> 32, torch.zeros_like(counter), torch.zeros_like(counter)]
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(x[0], _PHILOX_MUL[0])
+        hi1, lo1 = _mulhilo(x[2], _PHILOX_MUL[1])
+        x = [hi1 ^ x[1] ^ k0, lo1, hi0 ^ x[3] ^ k1, lo0]
+        k0, k1 = (k0 + _PHILOX_BUMP[0]) & _U32, (k1 + _PHILOX_BUMP[1]) & _U32
+    return torch.stack(x)
+
+
+def dropout_keep_mask(x: Tensor, p: float, seed: int | Tensor) -> Tensor:
+    """The LoRA dropout's keep mask, bool [M, K] for x [..., K] (M = x.numel() / K; only x's shape
+    is read): element e of the row-major mask is kept iff its 32-bit Philox4x32-10 word under the
+    key ``seed`` is >= ceil(p·2^32), so P(keep) = 1 - p. Element e is word (e mod 64) div 16 of
+    counter 16·(e div 64) + e mod 16: each block of 16 counters gives 64 elements, word by word.
+
+    The specification of the compiled op ``gslora::dropout_mask`` (which computes the same bits
+    in SIMD lanes on every thread); gslora draws ``seed`` from torch's default generator per call.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p must lie in [0, 1), got {p}")
+    cols = x.shape[-1]
+    rows = x.numel() // cols if cols else 0
+    n = rows * cols
+    blocks = -(-n // (4 * _MASK_LANES))
+    counter = torch.arange(blocks * _MASK_LANES, dtype=torch.int64, device=x.device)
+    words = philox4x32_10(counter, int(seed) & 0xFFFFFFFFFFFFFFFF)  # [4, blocks L]
+    words = words.view(4, blocks, _MASK_LANES).transpose(0, 1).reshape(-1)[:n]
+    threshold = min(math.ceil(math.ldexp(p, 32)), _U32)
+    return (words >= threshold).view(rows, cols)
 
 
 def _dropped(x: Tensor, mask: Tensor | None, keep_scale: float) -> Tensor:

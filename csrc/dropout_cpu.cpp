@@ -1,0 +1,209 @@
+// The LoRA dropout's keep mask on the CPU: keep[e] = (u32 word e of Philox4x32-10 under the key
+// `seed`) >= ceil(p 2^32), e the element's index in the row-major [rows, cols] mask.
+//
+// torch.rand(rows, cols) >= p, which gslora used before, draws its floats one at a time from a
+// Mersenne twister on one thread. Philox is counter-based: every element's word is a pure
+// function of (seed, its index), so the mask is computed in SIMD lanes on every thread and is the
+// same for any thread count and kernel level. gslora.reference.dropout_keep_mask computes the
+// same bits with torch integer ops (the specification; the path without gslora._C).
+//
+// Layout: counters c = 0, 1, ... in blocks of kLanes; counter c is {c mod 2^32, c div 2^32, 0, 0}
+// and the block b of counters [b L, b L + L) gives the elements [4 b L, 4 b L + 4 L): word j of
+// lane l is element 4 b L + j L + l (so each word's L lanes are stored as one contiguous run).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "always_inline.h"
+#include "cpu_kernels.h"
+
+namespace gslora {
+namespace {
+
+constexpr int kLanes = 16;  // counters per block (one AVX-512 register of 32-bit words)
+constexpr int64_t kBlockElems = 4 * kLanes;
+constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;    // Philox4x32 multipliers
+constexpr uint32_t kBump0 = 0x9E3779B9u, kBump1 = 0xBB67AE85u;  // Weyl key increments
+constexpr int kRounds = 10;
+
+// Stores word j of lane l (kept or not) at out[j L + l] for the first n <= 4 L elements.
+GSLORA_INLINE void store_block(const uint32_t (&w)[4][kLanes], uint32_t thr, bool* out,
+                               int64_t n) {
+  for (int64_t e = 0; e < n; ++e) out[e] = w[e / kLanes][e % kLanes] >= thr;
+}
+
+// Philox4x32-10 of the counters [c, c + L): w[j][l] = word j of counter c + l. Plain C++ (the
+// specification of the SIMD versions below and the path without them).
+void philox_block_scalar(uint64_t c, uint64_t seed, uint32_t (&w)[4][kLanes]) {
+  for (int l = 0; l < kLanes; ++l) {
+    const uint64_t cl = c + l;
+    uint32_t x0 = static_cast<uint32_t>(cl), x1 = static_cast<uint32_t>(cl >> 32), x2 = 0, x3 = 0;
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < kRounds; ++round) {
+      const uint64_t p0 = uint64_t{kMul0} * x0, p1 = uint64_t{kMul1} * x2;
+      const uint32_t y0 = static_cast<uint32_t>(p1 >> 32) ^ x1 ^ k0;
+      const uint32_t y2 = static_cast<uint32_t>(p0 >> 32) ^ x3 ^ k1;
+      x1 = static_cast<uint32_t>(p1);
+      x3 = static_cast<uint32_t>(p0);
+      x0 = y0;
+      x2 = y2;
+      k0 += kBump0;
+      k1 += kBump1;
+    }
+    w[0][l] = x0;
+    w[1][l] = x1;
+    w[2][l] = x2;
+    w[3][l] = x3;
+  }
+}
+
+void mask_blocks_scalar(uint64_t seed, uint32_t thr, bool* out, int64_t n, int64_t b0,
+                        int64_t b1) {
+  uint32_t w[4][kLanes];
+  for (int64_t b = b0; b < b1; ++b) {
+    philox_block_scalar(static_cast<uint64_t>(b) * kLanes, seed, w);
+    store_block(w, thr, out + b * kBlockElems, std::min(kBlockElems, n - b * kBlockElems));
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same rounds in SIMD, for counters below 2^32 (high counter word 0; the caller checks): the
+// 32 x 32 -> 64-bit products of the even lanes (mul_epu32) and of the odd lanes (after a shift),
+// their high and low halves put back in lane order with blends. AVX-512: a block of 16 counters
+// is one register per word; AVX2: two registers of 8.
+// GCC 12's AVX-512 intrinsics pass an undefined vector as a mask source and warn about it (GCC
+// bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f"))) void mask_blocks_avx512(uint64_t seed, uint32_t thr,
+                                                           bool* out, int64_t n, int64_t b0,
+                                                           int64_t b1) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kMul0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kMul1));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  constexpr __mmask16 kOdd = 0xAAAA;
+  alignas(64) uint32_t w[4][kLanes];
+  for (int64_t b = b0; b < b1; ++b) {
+    const auto c = static_cast<int>(static_cast<uint32_t>(b * kLanes));  // the block's counter
+    __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(c), lane);
+    __m512i x1 = _mm512_setzero_si512(), x2 = _mm512_setzero_si512(), x3 = _mm512_setzero_si512();
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < kRounds; ++round) {
+      const __m512i e0 = _mm512_mul_epu32(x0, m0);
+      const __m512i o0 = _mm512_mul_epu32(_mm512_srli_epi64(x0, 32), m0);
+      const __m512i e1 = _mm512_mul_epu32(x2, m1);
+      const __m512i o1 = _mm512_mul_epu32(_mm512_srli_epi64(x2, 32), m1);
+      const __m512i hi0 = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(e0, 32), o0);
+      const __m512i lo0 = _mm512_mask_blend_epi32(kOdd, e0, _mm512_slli_epi64(o0, 32));
+      const __m512i hi1 = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(e1, 32), o1);
+      const __m512i lo1 = _mm512_mask_blend_epi32(kOdd, e1, _mm512_slli_epi64(o1, 32));
+      x0 = _mm512_xor_si512(_mm512_xor_si512(hi1, x1), _mm512_set1_epi32(static_cast<int>(k0)));
+      x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), _mm512_set1_epi32(static_cast<int>(k1)));
+      x1 = lo1;
+      x3 = lo0;
+      k0 += kBump0;
+      k1 += kBump1;
+    }
+    const int64_t left = n - b * kBlockElems;
+    if (left >= kBlockElems) {  // keep = word >= thr (unsigned), as bytes 0 / 1
+      const __m512i t = _mm512_set1_epi32(static_cast<int>(thr));
+      const __m512i one = _mm512_set1_epi32(1);
+      const __m512i xs[4] = {x0, x1, x2, x3};
+      for (int j = 0; j < 4; ++j) {
+        const __mmask16 keep = _mm512_cmpge_epu32_mask(xs[j], t);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b * kBlockElems + j * kLanes),
+                         _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(keep, one)));
+      }
+    } else {
+      _mm512_store_si512(w[0], x0);
+      _mm512_store_si512(w[1], x1);
+      _mm512_store_si512(w[2], x2);
+      _mm512_store_si512(w[3], x3);
+      store_block(w, thr, out + b * kBlockElems, left);
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+
+__attribute__((target("avx2"))) void mask_blocks_avx2(uint64_t seed, uint32_t thr, bool* out,
+                                                      int64_t n, int64_t b0, int64_t b1) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kMul0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kMul1));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  constexpr int kOdd = 0xAA;
+  alignas(32) uint32_t w[4][kLanes];
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int h = 0; h < kLanes; h += 8) {
+      const auto c = static_cast<int>(static_cast<uint32_t>(b * kLanes + h));
+      __m256i x0 = _mm256_add_epi32(_mm256_set1_epi32(c), lane);
+      __m256i x1 = _mm256_setzero_si256(), x2 = _mm256_setzero_si256(), x3 = _mm256_setzero_si256();
+      uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+      for (int round = 0; round < kRounds; ++round) {
+        const __m256i e0 = _mm256_mul_epu32(x0, m0);
+        const __m256i o0 = _mm256_mul_epu32(_mm256_srli_epi64(x0, 32), m0);
+        const __m256i e1 = _mm256_mul_epu32(x2, m1);
+        const __m256i o1 = _mm256_mul_epu32(_mm256_srli_epi64(x2, 32), m1);
+        const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(e0, 32), o0, kOdd);
+        const __m256i lo0 = _mm256_blend_epi32(e0, _mm256_slli_epi64(o0, 32), kOdd);
+        const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(e1, 32), o1, kOdd);
+        const __m256i lo1 = _mm256_blend_epi32(e1, _mm256_slli_epi64(o1, 32), kOdd);
+        x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), _mm256_set1_epi32(static_cast<int>(k0)));
+        x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32(static_cast<int>(k1)));
+        x1 = lo1;
+        x3 = lo0;
+        k0 += kBump0;
+        k1 += kBump1;
+      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(&w[0][h]), x0);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(&w[1][h]), x1);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(&w[2][h]), x2);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(&w[3][h]), x3);
+    }
+    store_block(w, thr, out + b * kBlockElems, std::min(kBlockElems, n - b * kBlockElems));
+  }
+}
+#endif
+
+// keep [rows, cols] (bool) for x [..., cols] (rows = x.numel() / cols; only x's shape is read).
+at::Tensor dropout_mask_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "gslora::dropout_mask: x must have at least one dimension");
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "gslora::dropout_mask: p must lie in [0, 1), got ", p);
+  TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.is_cpu(),
+                    "gslora::dropout_mask: seed must be one int64 on the CPU, got ",
+                    seed.scalar_type(), " of shape ", seed.sizes());
+  const int64_t cols = x.size(-1), rows = cols == 0 ? 0 : x.numel() / cols;
+  at::Tensor mask = at::empty({rows, cols}, x.options().dtype(at::kBool));
+  const int64_t n = mask.numel();
+  if (n == 0) return mask;
+  // keep iff word >= p 2^32 (a word is uniform on [0, 2^32)): P(keep) = 1 - p up to 2^-32.
+  const uint32_t thr = static_cast<uint32_t>(std::min(std::ceil(std::ldexp(p, 32)), 4294967295.0));
+  const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
+  const int64_t blocks = (n + kBlockElems - 1) / kBlockElems;
+  bool* out = mask.data_ptr<bool>();
+  // The SIMD versions take counters below 2^32: masks of fewer than 2^34 elements.
+  const int level = blocks * kLanes < (int64_t{1} << 32) ? cpu_kernel_level() : 0;
+  at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (level >= 2) return mask_blocks_avx512(key, thr, out, n, b0, b1);
+    if (level == 1) return mask_blocks_avx2(key, thr, out, n, b0, b1);
+#endif
+    mask_blocks_scalar(key, thr, out, n, b0, b1);
+  });
+  return mask;
+}
+
+}  // namespace
+}  // namespace gslora
+
+TORCH_LIBRARY_IMPL(gslora, CPU, m) {
+  m.impl("dropout_mask", &gslora::dropout_mask_cpu);
+}
