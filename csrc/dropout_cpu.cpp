@@ -94,7 +94,7 @@ __attribute__((target("avx512f"))) void mask_blocks_avx512(uint64_t seed, uint32
   for (int64_t b = b0; b < b1; ++b) {
     const auto c = static_cast<int>(static_cast<uint32_t>(b * kLanes));  // the block's counter
     __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(c), lane);
-    __m512i x1 = _mm512_setzero_si512(), x2 = _mm512_setzero_si512(), x3 = _mm512_setzero_si512();
+    __m512i x1 = _mm512_setzero_si512(), x2 = x1, x3 = x1;
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
     for (int round = 0; round < kRounds; ++round) {
       const __m512i e0 = _mm512_mul_epu32(x0, m0);
@@ -145,7 +145,7 @@ __attribute__((target("avx2"))) void mask_blocks_avx2(uint64_t seed, uint32_t th
     for (int h = 0; h < kLanes; h += 8) {
       const auto c = static_cast<int>(static_cast<uint32_t>(b * kLanes + h));
       __m256i x0 = _mm256_add_epi32(_mm256_set1_epi32(c), lane);
-      __m256i x1 = _mm256_setzero_si256(), x2 = _mm256_setzero_si256(), x3 = _mm256_setzero_si256();
+      __m256i x1 = _mm256_setzero_si256(), x2 = x1, x3 = x1;
       uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
       for (int round = 0; round < kRounds; ++round) {
         const __m256i e0 = _mm256_mul_epu32(x0, m0);
@@ -173,19 +173,23 @@ __attribute__((target("avx2"))) void mask_blocks_avx2(uint64_t seed, uint32_t th
 }
 #endif
 
-// keep [rows, cols] (bool) for x [..., cols] (rows = x.numel() / cols; only x's shape is read).
+// keep [rows, cols] (bool) for x [..., cols], rows the product of x's leading sizes (only x's
+// shape is read).
 at::Tensor dropout_mask_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "gslora::dropout_mask: x must have at least one dimension");
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "gslora::dropout_mask: p must lie in [0, 1), got ", p);
   TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.is_cpu(),
                     "gslora::dropout_mask: seed must be one int64 on the CPU, got ",
                     seed.scalar_type(), " of shape ", seed.sizes());
-  const int64_t cols = x.size(-1), rows = cols == 0 ? 0 : x.numel() / cols;
+  const int64_t cols = x.size(-1);
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
   at::Tensor mask = at::empty({rows, cols}, x.options().dtype(at::kBool));
   const int64_t n = mask.numel();
   if (n == 0) return mask;
   // keep iff word >= p 2^32 (a word is uniform on [0, 2^32)): P(keep) = 1 - p up to 2^-32.
-  const uint32_t thr = static_cast<uint32_t>(std::min(std::ceil(std::ldexp(p, 32)), 4294967295.0));
+  const double thr_exact = std::ceil(std::ldexp(p, 32));
+  const uint32_t thr = static_cast<uint32_t>(std::min(thr_exact, 4294967295.0));
   const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
   const int64_t blocks = (n + kBlockElems - 1) / kBlockElems;
   bool* out = mask.data_ptr<bool>();

@@ -118,5 +118,4 @@ def _lora_linear_fake(
 @torch.library.register_fake("gslora::dropout_mask")
 def _dropout_mask_fake(x: Tensor, p: float, seed: Tensor) -> Tensor:
     """bool [M, K] for x [..., K], on x's device."""
-    cols = x.shape[-1]
-    return x.new_empty((x.numel() // cols if cols else 0, cols), dtype=torch.bool)
+    return x.new_empty((x.shape[:-1].numel(), x.shape[-1]), dtype=torch.bool)

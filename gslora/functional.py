@@ -150,13 +150,14 @@ def lora_linear(
 
 
 def dropout_keep_mask(x: Tensor, p: float) -> Tensor:
-    """The keep mask of one LoRA dropout call on x [..., K]: bool [M, K], M = x.numel() / K.
+    """The keep mask of one LoRA dropout call on x [..., K]: bool [M, K], M the product of x's
+    leading sizes.
 
     On the CPU the mask is ``reference.dropout_keep_mask`` (Philox4x32-10 words against p; the
     compiled op where gslora._C is built, the same bits) keyed by a seed drawn from torch's
     default generator, so ``torch.manual_seed`` reproduces it, whatever the backend. On other
     devices it is ``torch.rand(M, K) >= p`` there. (torch.rand's CPU generator draws one float
-    at a time on one thread: as costly as the adapter's whole forward and backward.)
+    at a time on one thread; the Philox words are filled in SIMD lanes on every thread.)
     """
     rows, cols = x.shape[:-1].numel(), x.shape[-1]
     if x.device.type != "cpu":

@@ -45,6 +45,7 @@ __all__ = [
     "lora_linear_fwd",
     "lora_linear_bwd",
     "dropout_keep_mask",
+    "philox4x32_10",
     "group_sq_norms",
     "group_norms",
     "group_lasso_penalty",
@@ -92,8 +93,8 @@ def philox4x32_10(counter: Tensor, seed: int) -> Tensor:
 
 
 def dropout_keep_mask(x: Tensor, p: float, seed: int | Tensor) -> Tensor:
-    """The LoRA dropout's keep mask, bool [M, K] for x [..., K] (M = x.numel() / K; only x's shape
-    is read): element e of the row-major mask is kept iff its 32-bit Philox4x32-10 word under the
+    """The LoRA dropout's keep mask, bool [M, K] for x [..., K] (M the product of x's leading
+    sizes; only x's shape is read): element e of the row-major mask is kept iff its 32-bit Philox4x32-10 word under the
     key ``seed`` is >= ceil(p·2^32), so P(keep) = 1 - p. Element e is word (e mod 64) div 16 of
     counter 16·(e div 64) + e mod 16: each block of 16 counters gives 64 elements, word by word.
 
@@ -102,8 +103,7 @@ def dropout_keep_mask(x: Tensor, p: float, seed: int | Tensor) -> Tensor:
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"p must lie in [0, 1), got {p}")
-    cols = x.shape[-1]
-    rows = x.numel() // cols if cols else 0
+    rows, cols = x.shape[:-1].numel(), x.shape[-1]
     n = rows * cols
     blocks = -(-n // (4 * _MASK_LANES))
     counter = torch.arange(blocks * _MASK_LANES, dtype=torch.int64, device=x.device)
