@@ -41,7 +41,7 @@ GSLORA_INLINE void store_block(const uint32_t (&w)[4][kLanes], uint32_t thr, boo
 }
 
 // Philox4x32-10 of the counters [c, c + L): w[j][l] = word j of counter c + l. Plain C++ (the
-// specification of the SIMD versions below and the path without them).
+// specification of the SIMD versions in dropout_simd.inc and the path without them).
 void philox_block_scalar(uint64_t c, uint64_t seed, uint32_t (&w)[4][kLanes]) {
   for (int l = 0; l < kLanes; ++l) {
     const uint64_t cl = c + l;
@@ -74,103 +74,26 @@ void mask_blocks_scalar(uint64_t seed, uint32_t thr, bool* out, int64_t n, int64
   }
 }
 
+// The SIMD versions: dropout_simd.inc compiled for AVX2 and for AVX-512, each in its own
+// namespace (as lora_linear_cpu.cpp compiles lora_simd_kernels.inc). GCC only.
 #if defined(__x86_64__) && defined(__GNUC__)
-// The same rounds in SIMD, for counters below 2^32 (high counter word 0; the caller checks): the
-// 32 x 32 -> 64-bit products of the even lanes (mul_epu32) and of the odd lanes (after a shift),
-// their high and low halves put back in lane order with blends. AVX-512: a block of 16 counters
-// is one register per word; AVX2: two registers of 8.
-// GCC 12's AVX-512 intrinsics pass an undefined vector as a mask source and warn about it (GCC
-// bug 105593).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-__attribute__((target("avx512f"))) void mask_blocks_avx512(uint64_t seed, uint32_t thr,
-                                                           bool* out, int64_t n, int64_t b0,
-                                                           int64_t b1) {
-  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kMul0));
-  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kMul1));
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  constexpr __mmask16 kOdd = 0xAAAA;
-  alignas(64) uint32_t w[4][kLanes];
-  for (int64_t b = b0; b < b1; ++b) {
-    const auto c = static_cast<int>(static_cast<uint32_t>(b * kLanes));  // the block's counter
-    __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(c), lane);
-    __m512i x1 = _mm512_setzero_si512(), x2 = x1, x3 = x1;
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < kRounds; ++round) {
-      const __m512i e0 = _mm512_mul_epu32(x0, m0);
-      const __m512i o0 = _mm512_mul_epu32(_mm512_srli_epi64(x0, 32), m0);
-      const __m512i e1 = _mm512_mul_epu32(x2, m1);
-      const __m512i o1 = _mm512_mul_epu32(_mm512_srli_epi64(x2, 32), m1);
-      const __m512i hi0 = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(e0, 32), o0);
-      const __m512i lo0 = _mm512_mask_blend_epi32(kOdd, e0, _mm512_slli_epi64(o0, 32));
-      const __m512i hi1 = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(e1, 32), o1);
-      const __m512i lo1 = _mm512_mask_blend_epi32(kOdd, e1, _mm512_slli_epi64(o1, 32));
-      x0 = _mm512_xor_si512(_mm512_xor_si512(hi1, x1), _mm512_set1_epi32(static_cast<int>(k0)));
-      x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), _mm512_set1_epi32(static_cast<int>(k1)));
-      x1 = lo1;
-      x3 = lo0;
-      k0 += kBump0;
-      k1 += kBump1;
-    }
-    const int64_t left = n - b * kBlockElems;
-    if (left >= kBlockElems) {  // keep = word >= thr (unsigned), as bytes 0 / 1
-      const __m512i t = _mm512_set1_epi32(static_cast<int>(thr));
-      const __m512i one = _mm512_set1_epi32(1);
-      const __m512i xs[4] = {x0, x1, x2, x3};
-      for (int j = 0; j < 4; ++j) {
-        const __mmask16 keep = _mm512_cmpge_epu32_mask(xs[j], t);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b * kBlockElems + j * kLanes),
-                         _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(keep, one)));
-      }
-    } else {
-      _mm512_store_si512(w[0], x0);
-      _mm512_store_si512(w[1], x1);
-      _mm512_store_si512(w[2], x2);
-      _mm512_store_si512(w[3], x3);
-      store_block(w, thr, out + b * kBlockElems, left);
-    }
-  }
-}
-
-#pragma GCC diagnostic pop
-
-__attribute__((target("avx2"))) void mask_blocks_avx2(uint64_t seed, uint32_t thr, bool* out,
-                                                      int64_t n, int64_t b0, int64_t b1) {
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kMul0));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kMul1));
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  constexpr int kOdd = 0xAA;
-  alignas(32) uint32_t w[4][kLanes];
-  for (int64_t b = b0; b < b1; ++b) {
-    for (int h = 0; h < kLanes; h += 8) {
-      const auto c = static_cast<int>(static_cast<uint32_t>(b * kLanes + h));
-      __m256i x0 = _mm256_add_epi32(_mm256_set1_epi32(c), lane);
-      __m256i x1 = _mm256_setzero_si256(), x2 = x1, x3 = x1;
-      uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-      for (int round = 0; round < kRounds; ++round) {
-        const __m256i e0 = _mm256_mul_epu32(x0, m0);
-        const __m256i o0 = _mm256_mul_epu32(_mm256_srli_epi64(x0, 32), m0);
-        const __m256i e1 = _mm256_mul_epu32(x2, m1);
-        const __m256i o1 = _mm256_mul_epu32(_mm256_srli_epi64(x2, 32), m1);
-        const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(e0, 32), o0, kOdd);
-        const __m256i lo0 = _mm256_blend_epi32(e0, _mm256_slli_epi64(o0, 32), kOdd);
-        const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(e1, 32), o1, kOdd);
-        const __m256i lo1 = _mm256_blend_epi32(e1, _mm256_slli_epi64(o1, 32), kOdd);
-        x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), _mm256_set1_epi32(static_cast<int>(k0)));
-        x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32(static_cast<int>(k1)));
-        x1 = lo1;
-        x3 = lo0;
-        k0 += kBump0;
-        k1 += kBump1;
-      }
-      _mm256_store_si256(reinterpret_cast<__m256i*>(&w[0][h]), x0);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(&w[1][h]), x1);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(&w[2][h]), x2);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(&w[3][h]), x3);
-    }
-    store_block(w, thr, out + b * kBlockElems, std::min(kBlockElems, n - b * kBlockElems));
-  }
-}
+#define GSLORA_HAVE_SIMD_MASK 1
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#define GSLORA_SIMD_WIDTH 8
+#include "dropout_simd.inc"
+#undef GSLORA_SIMD_WIDTH
+#pragma GCC pop_options
+}  // namespace avx2
+namespace avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2")
+#define GSLORA_SIMD_WIDTH 16
+#include "dropout_simd.inc"
+#undef GSLORA_SIMD_WIDTH
+#pragma GCC pop_options
+}  // namespace avx512
 #endif
 
 // keep [rows, cols] (bool) for x [..., cols], rows the product of x's leading sizes (only x's
@@ -196,9 +119,9 @@ at::Tensor dropout_mask_cpu(const at::Tensor& x, double p, const at::Tensor& see
   // The SIMD versions take counters below 2^32: masks of fewer than 2^34 elements.
   const int level = blocks * kLanes < (int64_t{1} << 32) ? cpu_kernel_level() : 0;
   at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (level >= 2) return mask_blocks_avx512(key, thr, out, n, b0, b1);
-    if (level == 1) return mask_blocks_avx2(key, thr, out, n, b0, b1);
+#ifdef GSLORA_HAVE_SIMD_MASK
+    if (level >= 2) return avx512::mask_blocks(key, thr, out, n, b0, b1);
+    if (level == 1) return avx2::mask_blocks(key, thr, out, n, b0, b1);
 #endif
     mask_blocks_scalar(key, thr, out, n, b0, b1);
   });
