@@ -3,10 +3,12 @@
 // The training hot path (measured on an AMD EPYC with MKL, and on an Intel Xeon):
 //   forward : xa = d(x) A^T; y = b + x W_eff^T with W_eff = W + s B A when M r > 64 K (fp32 and
 //             fp64 without dropout), else y = b + xa (s B)^T (written once) and then y += x W^T
-//             inside the big GEMM (beta = 1: y is read in its microkernel). For fp32 and the
-//             16-bit dtypes the rank-r products are explicit SIMD kernels (Kernels::xa_rows,
-//             adapter_rows) in one parallel region (fwd_simd); for fp64, and for fp32 with the
-//             "blas" kernels (cpu_kernels.h), BLAS ([xa | 1] [s B | b]^T for the second).
+//             inside the big GEMM (beta = 1: y is read in its microkernel; fp32 with M <= 384
+//             runs it in the team, each thread on its block of y's columns: team_gemm). For
+//             fp32 and the 16-bit dtypes the rank-r products are explicit SIMD kernels
+//             (Kernels::xa_rows, adapter_rows) in one parallel region (fwd_simd); for fp64, and
+//             for fp32 with the "blas" kernels (cpu_kernels.h), BLAS ([xa | 1] [s B | b]^T for
+//             the second).
 //   backward: ONE fused pass over g gives s u = s g B and dB = s g^T xa (explicit SIMD: BLAS
 //             reads g for these rank-r products at a few GB/s, and g^T xa as BLAS sees it costs
 //             as much as the big GEMM); then one pass over the rows writes dx = d'((s u) A) and
@@ -52,6 +54,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -261,6 +264,13 @@ void parallel_rows(int64_t M, const F& fn) {
   at::parallel_for(0, M, kRowGrain, [&](int64_t m0, int64_t m1) { fn(at::get_thread_num(), m0, m1); });
 }
 
+// Threads of the team run_team starts for M rows: at most at::get_num_threads(), and one per
+// kRowGrain rows.
+int team_size(int64_t M) {
+  return static_cast<int>(
+      std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, M / kRowGrain)));
+}
+
 // The fp32 AVX2 paths run each pass in ONE OpenMP region instead of several parallel_for calls and
 // ATen ops around them: each region, and each ATen call on the calling thread in between (the
 // transposes, zeroing the partial sums, their reduction), cost tens of µs here against a rank-r
@@ -269,8 +279,7 @@ void parallel_rows(int64_t M, const F& fn) {
 // region) and may meet the team at `#pragma omp barrier`.
 template <typename F>
 void run_team(int64_t M, const F& body) {
-  const int want = static_cast<int>(
-      std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, M / kRowGrain)));
+  const int want = team_size(M);
 #pragma omp parallel num_threads(want) if (want > 1)
   body(omp_get_thread_num(), omp_get_num_threads());
 }
@@ -453,12 +462,50 @@ at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_A,
   return at::addmm(weight, lora_B, lora_A, /*beta=*/1, /*alpha=*/scaling);
 }
 
+// BLAS's single-precision GEMM (Fortran interface) as torch's CPU library exports it: MKL, linked
+// into the x86-64 wheels. Weak, so that a torch without it still loads gslora._C; the forward
+// then leaves its GEMM to ATen.
+extern "C" __attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m,
+                                            const int* n, const int* k, const float* alpha,
+                                            const float* a, const int* lda, const float* b,
+                                            const int* ldb, const float* beta, float* c,
+                                            const int* ldc);
+
+// For few rows the unmerged fp32 forward runs its GEMM y += x W^T inside its team: each thread,
+// right after writing the adapter term (and the bias) into its block of y's columns, adds
+// x W[n0:n1]^T to that block with a single-threaded GEMM (BLAS inside an OpenMP region runs on
+// the calling thread) while the block is in its cache. Chosen with paired timings of the layer on
+// the Xeon (MKL, 2 threads, K = 384 and 768): faster than MKL's threaded GEMM after the team up
+// to M = 384 (most at M = 256), even or slower from M = 512. Only with a full team (else threads
+// would idle) and dimensions that fit BLAS's int.
+constexpr int64_t kTeamGemmRows = 384;
+constexpr int64_t kTeamColumns = 32;  // column blocks: whole 2-vector blocks of the adapter kernel
+
+bool team_gemm(int64_t M, int64_t N, int64_t K) {
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  return sgemm_ != nullptr && M <= kTeamGemmRows && team_size(M) > 1 &&
+         team_size(M) == at::get_num_threads() && N <= kIntMax && K <= kIntMax;
+}
+
+// y[:, n0:n1] += x W[n0:n1]^T for x [M, K], W [N, K], y [M, N] (row-major, fp32) on this thread.
+void gemm_columns(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
+                  int64_t n0, int64_t n1) {
+  if (n1 <= n0) return;
+  // Column-major, as BLAS sees it: y^T[n0:n1, :] += W[n0:n1, :] x^T.
+  const int m = static_cast<int>(n1 - n0), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int ldc = static_cast<int>(N);
+  const float one = 1.0f;
+  sgemm_("T", "N", &m, &n, &k, &one, w + n0 * K, &k, x, &k, &one, y + n0, &ldc);
+}
+
 #ifdef GSLORA_HAVE_SIMD_PATH
 // Forward with the SIMD kernels Kern (avx2:: or avx512::Kernels) for T = float, bf16 or fp16, xa
 // and (without a merge) the adapter term in one parallel region: each thread writes its part of
 // A^T [K, RP] (zero-padded) and, without a merge, of s B^T [r, N]; after a barrier, for its rows,
 // xa = x A^T and then y = b + xa (s B)^T written once by the adapter kernel (while the rows' xa
-// is hot). Then the big GEMM: y += x W^T (beta = 1), or with a merge y = b + x W_eff^T. MKL runs
+// is hot). Then the big GEMM: y += x W^T (beta = 1), or with a merge y = b + x W_eff^T. With
+// team_gemm the team instead meets once more after xa and each thread writes the adapter term
+// and then adds x W^T in its block of y's columns, for all rows. MKL runs
 // both rank-r products far below the memory speed (x A^T at M = 4096 took it 0.6-1.7 ms here;
 // the adapter term as slowly as the bias copy of a plain Linear times six at M = 788, N = 2048).
 // The adapter math is float for every T (xa is rounded to T only for the backward, as the
@@ -495,25 +542,34 @@ std::tuple<at::Tensor, at::Tensor> fwd_simd(const at::Tensor& x, const at::Tenso
   auto* yp = merge ? nullptr : storage_ptr<T>(y);
   float* widep = widen ? wide.data_ptr<float>() : nullptr;
   const float s = static_cast<float>(scaling), keep = static_cast<float>(keep_scale);
+  const bool gemm_in_team = !merge && std::is_same_v<T, float> && team_gemm(M, N, K);
   run_team(M, [&](int tid, int team) {
     const auto [k0, k1] = team_share(K, tid, team);
     Kern::transpose_scaled(a, K, 0, r, k0, k1, 1.0f, at_, RP);  // A^T
     for (int64_t k = k0; k < k1; ++k)
       for (int64_t j = r; j < RP; ++j) at_[k * RP + j] = 0.0f;
-    if (!merge) {
-      const auto [n0, n1] = team_share(N, tid, team);
-      Kern::transpose_scaled(bsrc, r, n0, n1, 0, r, s, bt, N);  // s B^T
-    }
+    // The thread's block of columns: of s B^T here, and of y below when the GEMM is in the team.
+    const auto [n0, n1] = team_share(N, tid, team, kTeamColumns);
+    if (!merge) Kern::transpose_scaled(bsrc, r, n0, n1, 0, r, s, bt, N);  // s B^T
 #pragma omp barrier
     const auto [m0, m1] = team_share(M, tid, team, RB);
     float* w = widen ? widep + tid * Kern::widen_rows * K : nullptr;
     Kern::xa_rows(xp, K, mask, keep, at_, RP, xap, w, m0, m1);
-    if (!merge) Kern::adapter_rows(xap, RP, r, bt, bp, yp, N, nullptr, 1.0f, m0, m1);
+    if (!gemm_in_team) {
+      if (!merge) Kern::adapter_rows(xap, RP, r, bt, bp, yp, N, N, nullptr, 1.0f, m0, m1);
+      return;
+    }
+#pragma omp barrier
+    // Every row's xa is done: the adapter term and then x W^T for all rows in columns [n0, n1).
+    Kern::adapter_rows(xap, RP, r, bt + n0, bp ? bp + n0 : nullptr, yp + n0, n1 - n0, N, nullptr,
+                       1.0f, 0, M);
+    gemm_columns(reinterpret_cast<const float*>(xp), weight.const_data_ptr<float>(),
+                 reinterpret_cast<float*>(yp), M, N, K, n0, n1);
   });
   if (merge) {
     const at::Tensor w_eff = merged_weight(weight, lora_A, lora_B, scaling);
     y = b.defined() ? at::addmm(b, x, w_eff.t()) : at::mm(x, w_eff.t());
-  } else {
+  } else if (!gemm_in_team) {
     y.addmm_(x, weight.t());
   }
   at::Tensor xa = RP == r ? xa_p : xa_p.narrow(1, 0, r).contiguous();
@@ -568,7 +624,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_simd(
     std::fill(dB_t, dB_t + part_len, 0.0f);
     const auto [m0, m1] = team_share(M, tid, team, RB);
     Kern::project_rows(gp, N, bptr, RP, xap, s, up, dB_t, dB_t + part_len, wide, m0, m1);
-    if (dxp != nullptr) Kern::adapter_rows(up, RP, r, ap, nullptr, dxp, K, mask, keep, m0, m1);
+    if (dxp != nullptr) Kern::adapter_rows(up, RP, r, ap, nullptr, dxp, K, K, mask, keep, m0, m1);
     Kern::outer_rows(up, RP, r, xp, K, mask, keep, dA_t, wide, m0, m1);
 #pragma omp barrier
     const auto [n0, n1] = team_share(N, tid, team);

@@ -143,7 +143,9 @@ def cpu_kernels(request):
 # The SIMD paths split rows, A^T / s B^T columns and the partial sums' reduction over the threads
 # of one region: rows crossing 256-row sum blocks and 64-row dA blocks, ranks with 32-, 16- and
 # 8-column passes and padding (13, 24, 40), K and N tails of the 16- and 8-lane vectors, a merged
-# forward (fp32, M r > 64 K), M below two 32-row blocks (one thread) and a team with an odd row split.
+# forward (fp32, M r > 64 K), M below two 32-row blocks (one thread), a team with an odd row split,
+# and the forward's GEMM in the team (fp32, 64 <= M <= 384 at two threads) on 32-column blocks,
+# with a partial last block (N = 83, 1537) and a thread without one (N = 17).
 SIMD_PATH_SHAPES = [(600, 37, 45, 13), (1100, 64, 48, 16), (70, 31, 17, 24), (63, 24, 40, 5),
                     (33, 40, 24, 8), (257, 385, 1537, 9), (90, 57, 83, 40), (300, 48, 40, 32)]
 
