@@ -84,6 +84,10 @@ constexpr int64_t RB = 4;  // rows per register block
 // ---------------------------------------------------------------------------------------------
 // K1: out[m, c:c+VW] = oscale * sum_l d(X)[m, l] P[l, c:c+VW] for every column chunk c of the
 // padded rank RP (a multiple of VW), and D[l, :] += sum_m X[m, l] V[m, :] when HAS_D.
+// The sum over l runs in blocks of kK1SumBlock terms added at the end, so that its rounding error
+// grows like BLAS's, not linearly in L.
+constexpr int64_t kK1SumBlock = 128;
+
 template <typename T, typename A, int NR, bool HAS_MASK, bool HAS_D>
 GSLORA_INLINE void k1_block(const T* X, int64_t L, const bool* mask, A keep, A oscale, const A* P,
                             int64_t RP, A* out, const A* V, A* D, int64_t m) {
@@ -95,23 +99,30 @@ GSLORA_INLINE void k1_block(const T* X, int64_t L, const bool* mask, A keep, A o
         acc[i][j] = A(0);
         v[i][j] = HAS_D ? V[(m + i) * RP + c + j] : A(0);
       }
-    for (int64_t l = 0; l < L; ++l) {
-      const A* p = P + l * RP + c;
-      A xr[NR], xd[NR];
-      for (int i = 0; i < NR; ++i) {
-        xr[i] = static_cast<A>(X[(m + i) * L + l]);
-        xd[i] = HAS_MASK ? (mask[(m + i) * L + l] ? xr[i] * keep : A(0)) : xr[i];
+    for (int64_t l0 = 0; l0 < L; l0 += kK1SumBlock) {
+      A part[NR][VW];
+      for (int i = 0; i < NR; ++i)
+        for (int j = 0; j < VW; ++j) part[i][j] = A(0);
+      for (int64_t l = l0; l < std::min(L, l0 + kK1SumBlock); ++l) {
+        const A* p = P + l * RP + c;
+        A xr[NR], xd[NR];
+        for (int i = 0; i < NR; ++i) {
+          xr[i] = static_cast<A>(X[(m + i) * L + l]);
+          xd[i] = HAS_MASK ? (mask[(m + i) * L + l] ? xr[i] * keep : A(0)) : xr[i];
+        }
+        for (int i = 0; i < NR; ++i)
+          for (int j = 0; j < VW; ++j) part[i][j] += xd[i] * p[j];
+        if (HAS_D) {
+          A* d = D + l * RP + c;
+          A dl[VW];
+          for (int j = 0; j < VW; ++j) dl[j] = d[j];
+          for (int i = 0; i < NR; ++i)
+            for (int j = 0; j < VW; ++j) dl[j] += xr[i] * v[i][j];
+          for (int j = 0; j < VW; ++j) d[j] = dl[j];
+        }
       }
       for (int i = 0; i < NR; ++i)
-        for (int j = 0; j < VW; ++j) acc[i][j] += xd[i] * p[j];
-      if (HAS_D) {
-        A* d = D + l * RP + c;
-        A dl[VW];
-        for (int j = 0; j < VW; ++j) dl[j] = d[j];
-        for (int i = 0; i < NR; ++i)
-          for (int j = 0; j < VW; ++j) dl[j] += xr[i] * v[i][j];
-        for (int j = 0; j < VW; ++j) d[j] = dl[j];
-      }
+        for (int j = 0; j < VW; ++j) acc[i][j] += part[i][j];
     }
     for (int i = 0; i < NR; ++i)
       for (int j = 0; j < VW; ++j) out[(m + i) * RP + c + j] = acc[i][j] * oscale;
@@ -476,15 +487,19 @@ extern "C" __attribute__((weak)) void sgemm_(const char* transa, const char* tra
 // x W[n0:n1]^T to that block with a single-threaded GEMM (BLAS inside an OpenMP region runs on
 // the calling thread) while the block is in its cache. Chosen with paired timings of the layer on
 // the Xeon (MKL, 2 threads, K = 384 and 768): faster than MKL's threaded GEMM after the team up
-// to M = 384 (most at M = 256), even or slower from M = 512. Only with a full team (else threads
-// would idle) and dimensions that fit BLAS's int.
+// to M = 384 (most at M = 256), even or slower from M = 512; for fc2-shaped layers (N = K / 4)
+// even or faster; for small products (K = N = 128-256 at M = 256) slower: the extra barrier and
+// the threads' own BLAS calls cost more than they save below about 2^24 multiply-adds. Only with
+// a full team (else threads would idle) and dimensions that fit BLAS's int.
 constexpr int64_t kTeamGemmRows = 384;
+constexpr int64_t kTeamGemmMinWork = int64_t{1} << 24;  // multiply-adds of x W^T
 constexpr int64_t kTeamColumns = 32;  // column blocks: whole 2-vector blocks of the adapter kernel
 
 bool team_gemm(int64_t M, int64_t N, int64_t K) {
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
   return sgemm_ != nullptr && M <= kTeamGemmRows && team_size(M) > 1 &&
-         team_size(M) == at::get_num_threads() && N <= kIntMax && K <= kIntMax;
+         team_size(M) == at::get_num_threads() && N <= kIntMax && K <= kIntMax &&
+         N * K >= gslora::ceil_div(kTeamGemmMinWork, M);
 }
 
 // y[:, n0:n1] += x W[n0:n1]^T for x [M, K], W [N, K], y [M, N] (row-major, fp32) on this thread.
