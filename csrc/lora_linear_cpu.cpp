@@ -3,7 +3,7 @@
 // The training hot path (measured on an AMD EPYC with MKL, and on an Intel Xeon):
 //   forward : xa = d(x) A^T; y = b + x W_eff^T with W_eff = W + s B A when M r > 64 K (fp32 and
 //             fp64 without dropout), else y = b + xa (s B)^T (written once) and then y += x W^T
-//             inside the big GEMM (beta = 1: y is read in its microkernel; fp32 with M <= 384
+//             inside the big GEMM (beta = 1: y is read in its microkernel; fp32 with few rows
 //             runs it in the team, each thread on its block of y's columns: team_gemm). For
 //             fp32 and the 16-bit dtypes the rank-r products are explicit SIMD kernels
 //             (Kernels::xa_rows, adapter_rows) in one parallel region (fwd_simd); for fp64, and
@@ -518,11 +518,11 @@ void gemm_columns(const float* x, const float* w, float* y, int64_t M, int64_t N
 // and (without a merge) the adapter term in one parallel region: each thread writes its part of
 // A^T [K, RP] (zero-padded) and, without a merge, of s B^T [r, N]; after a barrier, for its rows,
 // xa = x A^T and then y = b + xa (s B)^T written once by the adapter kernel (while the rows' xa
-// is hot). Then the big GEMM: y += x W^T (beta = 1), or with a merge y = b + x W_eff^T. With
-// team_gemm the team instead meets once more after xa and each thread writes the adapter term
-// and then adds x W^T in its block of y's columns, for all rows. MKL runs
-// both rank-r products far below the memory speed (x A^T at M = 4096 took it 0.6-1.7 ms here;
-// the adapter term as slowly as the bias copy of a plain Linear times six at M = 788, N = 2048).
+// is hot). Then the big GEMM: y += x W^T (beta = 1), or with a merge y = b + x W_eff^T. (With
+// team_gemm the team instead meets once more after xa, and each thread writes the adapter term
+// into its block of y's columns for all rows and then adds x W^T to that block.) MKL runs both
+// rank-r products far below the memory speed (x A^T at M = 4096 took it 0.6-1.7 ms here; the
+// adapter term as slowly as the bias copy of a plain Linear times six at M = 788, N = 2048).
 // The adapter math is float for every T (xa is rounded to T only for the backward, as the
 // generic path does); a 16-bit W_eff would round the adapter's small update away, so 16-bit
 // inputs never merge. With a dropout mask xa = d(x) A^T (x widened and masked row block by row
