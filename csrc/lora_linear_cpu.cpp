@@ -497,9 +497,9 @@ constexpr int64_t kTeamColumns = 32;  // column blocks: whole 2-vector blocks of
 
 bool team_gemm(int64_t M, int64_t N, int64_t K) {
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  return sgemm_ != nullptr && M <= kTeamGemmRows && team_size(M) > 1 &&
-         team_size(M) == at::get_num_threads() && N <= kIntMax && K <= kIntMax &&
-         N * K >= gslora::ceil_div(kTeamGemmMinWork, M);
+  const int team = team_size(M);
+  return sgemm_ != nullptr && M <= kTeamGemmRows && team > 1 && team == at::get_num_threads() &&
+         N <= kIntMax && K <= kIntMax && N * K >= gslora::ceil_div(kTeamGemmMinWork, M);
 }
 
 // y[:, n0:n1] += x W[n0:n1]^T for x [M, K], W [N, K], y [M, N] (row-major, fp32) on this thread.
