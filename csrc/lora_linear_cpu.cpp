@@ -467,7 +467,7 @@ at::Tensor reduce_thread_partials(const at::Tensor& part, int64_t r, double scal
   return out;
 }
 
-// W_eff = W + s B A  [N, K] (one GEMM with k = r, beta = 1).
+// W_eff = W + s B A  [N, K] (one GEMM with k = r, beta = 1): the merge without the SIMD kernels.
 at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_A,
                          const at::Tensor& lora_B, double scaling) {
   return at::addmm(weight, lora_B, lora_A, /*beta=*/1, /*alpha=*/scaling);
@@ -518,7 +518,9 @@ void gemm_columns(const float* x, const float* w, float* y, int64_t M, int64_t N
 // and (without a merge) the adapter term in one parallel region: each thread writes its part of
 // A^T [K, RP] (zero-padded) and, without a merge, of s B^T [r, N]; after a barrier, for its rows,
 // xa = x A^T and then y = b + xa (s B)^T written once by the adapter kernel (while the rows' xa
-// is hot). Then the big GEMM: y += x W^T (beta = 1), or with a merge y = b + x W_eff^T. (With
+// is hot), or with a merge its share of W_eff = W + s B A by rows (one MKL call fewer: its k = r GEMM for
+// W_eff ran after the region with its own threads and took longer than the team's pass, phase
+// timings on an Intel Xeon). Then the big GEMM: y += x W^T (beta = 1), or y = b + x W_eff^T. (With
 // team_gemm the team instead meets once more after xa, and each thread writes the adapter term
 // into its block of y's columns for all rows and then adds x W^T to that block.) MKL runs both
 // rank-r products far below the memory speed (x A^T at M = 4096 took it 0.6-1.7 ms here; the
@@ -547,12 +549,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_simd(const at::Tensor& x, const at::Tenso
   at::Tensor sBt = merge ? at::Tensor() : at::empty({r, N}, f32);
   at::Tensor xa_p = at::empty({M, RP}, f32);
   at::Tensor y = merge ? at::Tensor() : at::empty({M, N}, x.options());
+  at::Tensor w_eff = merge ? at::empty({N, K}, f32) : at::Tensor();
   at::Tensor wide = widen ? at::empty({at::get_num_threads() * Kern::widen_rows * K}, f32)
                           : at::Tensor();
   const auto* xp = storage_ptr<T>(x);
   const float *a = A32.const_data_ptr<float>(), *bsrc = B32.const_data_ptr<float>();
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   float *at_ = At.data_ptr<float>(), *bt = merge ? nullptr : sBt.data_ptr<float>();
+  float* weffp = merge ? w_eff.data_ptr<float>() : nullptr;
   float* xap = xa_p.data_ptr<float>();
   auto* yp = merge ? nullptr : storage_ptr<T>(y);
   float* widep = widen ? wide.data_ptr<float>() : nullptr;
@@ -570,6 +574,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_simd(const at::Tensor& x, const at::Tenso
     const auto [m0, m1] = team_share(M, tid, team, RB);
     float* w = widen ? widep + tid * Kern::widen_rows * K : nullptr;
     Kern::xa_rows(xp, K, mask, keep, at_, RP, xap, w, m0, m1);
+    if (merge) {
+      const auto [n0, n1] = team_share(N, tid, team);
+      Kern::merged_rows(weight.const_data_ptr<float>(), bsrc, r, a, s, weffp, K, n0, n1);
+    }
     if (!gemm_in_team) {
       if (!merge) Kern::adapter_rows(xap, RP, r, bt, bp, yp, N, N, nullptr, 1.0f, m0, m1);
       return;
@@ -582,7 +590,6 @@ std::tuple<at::Tensor, at::Tensor> fwd_simd(const at::Tensor& x, const at::Tenso
                  reinterpret_cast<float*>(yp), M, N, K, n0, n1);
   });
   if (merge) {
-    const at::Tensor w_eff = merged_weight(weight, lora_A, lora_B, scaling);
     y = b.defined() ? at::addmm(b, x, w_eff.t()) : at::mm(x, w_eff.t());
   } else if (!gemm_in_team) {
     y.addmm_(x, weight.t());
