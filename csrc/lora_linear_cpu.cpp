@@ -518,12 +518,12 @@ void gemm_columns(const float* x, const float* w, float* y, int64_t M, int64_t N
 // and (without a merge) the adapter term in one parallel region: each thread writes its part of
 // A^T [K, RP] (zero-padded) and, without a merge, of s B^T [r, N]; after a barrier, for its rows,
 // xa = x A^T and then y = b + xa (s B)^T written once by the adapter kernel (while the rows' xa
-// is hot), or with a merge its share of W_eff = W + s B A by rows (one MKL call fewer: its k = r GEMM for
-// W_eff ran after the region with its own threads and took longer than the team's pass, phase
-// timings on an Intel Xeon). Then the big GEMM: y += x W^T (beta = 1), or y = b + x W_eff^T. (With
-// team_gemm the team instead meets once more after xa, and each thread writes the adapter term
-// into its block of y's columns for all rows and then adds x W^T to that block.) MKL runs both
-// rank-r products far below the memory speed (x A^T at M = 4096 took it 0.6-1.7 ms here; the
+// is hot), or with a merge its share of W_eff = W + s B A by rows (one MKL call fewer: its k = r
+// GEMM for W_eff ran after the region with its own threads and took longer than the team's pass,
+// phase timings on an Intel Xeon). Then the big GEMM: y += x W^T (beta = 1), or y = b + x W_eff^T.
+// (With team_gemm the team instead meets once more after xa, and each thread writes the adapter
+// term into its block of y's columns for all rows and then adds x W^T to that block.) MKL runs
+// both rank-r products far below the memory speed (x A^T at M = 4096 took it 0.6-1.7 ms here; the
 // adapter term as slowly as the bias copy of a plain Linear times six at M = 788, N = 2048).
 // The adapter math is float for every T (xa is rounded to T only for the backward, as the
 // generic path does); a 16-bit W_eff would round the adapter's small update away, so 16-bit
