@@ -75,25 +75,12 @@ void mask_blocks_scalar(uint64_t seed, uint32_t thr, bool* out, int64_t n, int64
 }
 
 // The SIMD versions: dropout_simd.inc compiled for AVX2 and for AVX-512, each in its own
-// namespace (as lora_linear_cpu.cpp compiles lora_simd_kernels.inc). GCC only.
-#if defined(__x86_64__) && defined(__GNUC__)
+// namespace, as lora_linear_cpu.cpp compiles lora_simd_kernels.inc (simd_levels.inc). GCC only.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define GSLORA_HAVE_SIMD_MASK 1
-namespace avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2")
-#define GSLORA_SIMD_WIDTH 8
-#include "dropout_simd.inc"
-#undef GSLORA_SIMD_WIDTH
-#pragma GCC pop_options
-}  // namespace avx2
-namespace avx512 {
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2")
-#define GSLORA_SIMD_WIDTH 16
-#include "dropout_simd.inc"
-#undef GSLORA_SIMD_WIDTH
-#pragma GCC pop_options
-}  // namespace avx512
+#define GSLORA_SIMD_FILE "dropout_simd.inc"
+#include "simd_levels.inc"
+#undef GSLORA_SIMD_FILE
 #endif
 
 // keep [rows, cols] (bool) for x [..., cols], rows the product of x's leading sizes (only x's

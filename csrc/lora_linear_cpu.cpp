@@ -346,8 +346,8 @@ const bool* mask_ptr(const c10::optional<at::Tensor>& mask, at::Tensor& holder) 
 // Kernels with explicit SIMD for fp32 (and 16-bit inputs widened to it) (the generic K1 above
 // compiles to partly scalar code and measured ~12 cycles per element of g in the backward's
 // project pass; these ~1-2 with AVX2): lora_simd_kernels.inc compiled twice, for AVX2 + FMA (+
-// F16C) and for AVX-512, each in its own namespace. GCC only (#pragma GCC target); other
-// compilers take the BLAS path.
+// F16C) and for AVX-512, each in its own namespace (simd_levels.inc). GCC only (#pragma GCC
+// target); other compilers take the BLAS path.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define GSLORA_HAVE_SIMD_PATH 1
 // 16-bit floats as the kernels see them: raw bits (c10's types have inline code that must not be
@@ -382,27 +382,9 @@ typename Storage<T>::type* storage_ptr(at::Tensor& t) {
   return reinterpret_cast<typename Storage<T>::type*>(t.data_ptr<T>());
 }
 
-namespace avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#define GSLORA_SIMD_WIDTH 8
-#include "lora_simd_kernels.inc"
-#undef GSLORA_SIMD_WIDTH
-#pragma GCC pop_options
-}  // namespace avx2
-namespace avx512 {
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx2,fma,f16c")
-// GCC 12's permute intrinsics pass an undefined vector as their mask source and warn about it
-// (GCC bug 105593).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#define GSLORA_SIMD_WIDTH 16
-#include "lora_simd_kernels.inc"
-#undef GSLORA_SIMD_WIDTH
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-}  // namespace avx512
+#define GSLORA_SIMD_FILE "lora_simd_kernels.inc"
+#include "simd_levels.inc"
+#undef GSLORA_SIMD_FILE
 #endif
 
 // Which kernels run (cpu_kernels.h): levels in kLevelNames' order, each needing the ones before

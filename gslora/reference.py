@@ -95,8 +95,9 @@ def philox4x32_10(counter: Tensor, seed: int) -> Tensor:
 def dropout_keep_mask(x: Tensor, p: float, seed: int | Tensor) -> Tensor:
     """The LoRA dropout's keep mask, bool [M, K] for x [..., K] (M the product of x's leading
     sizes; only x's shape is read): element e of the row-major mask is kept iff its 32-bit
-    Philox4x32-10 word under the key ``seed`` is >= ceil(p·2^32), so P(keep) = 1 - p. Element e is word (e mod 64) div 16 of
-    counter 16·(e div 64) + e mod 16: each block of 16 counters gives 64 elements, word by word.
+    Philox4x32-10 word under the key ``seed`` is >= ceil(p·2^32), so P(keep) = 1 - p. Element e
+    is word (e mod 64) div 16 of counter 16·(e div 64) + e mod 16: each block of 16 counters
+    gives 64 elements, word by word.
 
     The specification of the compiled op ``gslora::dropout_mask`` (which computes the same bits
     in SIMD lanes on every thread); gslora draws ``seed`` from torch's default generator per call.
