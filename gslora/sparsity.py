@@ -26,6 +26,14 @@ shrinks its shard by the same factor; the penalty gradient w.r.t. a local shard 
 needs no communication. For replicated parameters (plain DDP) pass no process group: every rank
 already holds the whole group.
 
+DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) need no process group: the
+kernels run on their local shards, and the partial sums are all-reduced over the device-mesh
+dimensions on which the tensors are sharded (``Shard`` placements; ``Replicate`` dimensions
+already hold the whole tensor). All tensors must then be DTensors on one mesh, sharded on the
+same mesh dimensions. The penalty's gradient reaches the DTensors as DTensor gradients, and
+``add_penalty_grad_`` adds to their local shards. Build the :class:`GroupSparsity` (like the
+optimizer) after ``fully_shard``, which replaces the module parameters.
+
 Proximal step. For the objective f(θ) + α Σ_g w_g ‖θ_g‖₂, a gradient step of size η on f is
 followed by block soft-thresholding with λ_g = η·α·w_g::
 
@@ -39,6 +47,7 @@ an adaptive optimizer (AdamW) it is the usual heuristic with the current learnin
 from __future__ import annotations
 
 import math
+import sys
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -106,6 +115,42 @@ class _Bucket:
         self.group_ids: list[int] = []
 
 
+def _dtensor_type() -> type | None:
+    """torch's DTensor class once ``torch.distributed.tensor`` has been imported (no tensor can
+    be a DTensor before), without importing it: gslora's import stays torch and numpy."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def _mesh_shard_groups(params: Sequence[Tensor], is_dtensor: Sequence[bool],
+                       process_group: Any) -> list[Any]:
+    """The process groups of the device-mesh dimensions on which the DTensors ``params`` are
+    sharded (every tensor a DTensor, one mesh, the same sharded dimensions)."""
+    if not all(is_dtensor):
+        raise ValueError(
+            f"tensor {is_dtensor.index(False)} is not a DTensor, but tensor "
+            f"{is_dtensor.index(True)} is: either every tensor is a DTensor (sharded, e.g. by "
+            f"FSDP2's fully_shard) or none"
+        )
+    if process_group is not None:
+        raise ValueError("process_group must be None for DTensors: the process groups of their "
+                         "device mesh are used")
+    mesh = params[0].device_mesh
+    sharded = tuple(p.is_shard() for p in params[0].placements)
+    for i, t in enumerate(params):
+        if any(p.is_partial() for p in t.placements):
+            raise ValueError(
+                f"tensor {i} has a Partial placement {t.placements}: its local tensors are "
+                f"summands, and the norm of a sum is not the sum of the norms; redistribute it"
+            )
+        if t.device_mesh != mesh or tuple(p.is_shard() for p in t.placements) != sharded:
+            raise ValueError(
+                f"tensor {i} lives on {t.device_mesh} with placements {t.placements}, tensor 0 "
+                f"on {mesh} with {params[0].placements}: the tensors must be sharded on the "
+                f"same dimensions of one device mesh"
+            )
+    return [mesh.get_group(d) for d, is_shard in enumerate(sharded) if is_shard]
+
+
 class _MultiBucketPenaltyFunction(torch.autograd.Function):
     """P = Σ_g w_g ‖θ_g‖₂ where ‖θ_g‖² is summed over dtype buckets (and over ranks).
 
@@ -146,7 +191,8 @@ class GroupSparsity:
             (and ``$GSLORA_BACKEND``).
         process_group: a ``torch.distributed`` process group over which the tensors are
             sharded; per-group squared norms are all-reduced (SUM) over it before the sqrt.
-            None: tensors are whole (single process or replicated DDP).
+            None: tensors are whole (single process or replicated DDP), or DTensors, whose
+            device mesh gives the process groups.
 
     Shapes: ``norms()``, ``weights`` and every :class:`ProxResult` field are [num_groups],
     in the accumulate dtype, on the tensors' device; ``penalty()`` is a scalar.
@@ -210,13 +256,22 @@ class GroupSparsity:
         self.group_ids: list[int] = group_ids
         self.num_groups: int = len(names)
         self.process_group = process_group
+        dtensor = _dtensor_type()
+        is_dtensor = [dtensor is not None and isinstance(t, dtensor) for t in params]
+        self._dtensors = any(is_dtensor)
+        # The process groups over which the per-group partial sums are all-reduced, in turn.
+        self._reduce_groups: list[Any] = (
+            _mesh_shard_groups(params, is_dtensor, process_group) if self._dtensors
+            else [] if process_group is None else [process_group]
+        )
         self._backend_request = backend
         self._layout: tuple[torch.device, torch.dtype] | None = None
         self.refresh()
 
         local_sizes = torch.zeros(self.num_groups, dtype=torch.int64)
-        for t, g in zip(self.params, self.group_ids, strict=True):
-            local_sizes[g] += t.numel()
+        with torch.no_grad():
+            for t, g in zip(self._local(self.params), self.group_ids, strict=True):
+                local_sizes[g] += t.numel()
         sizes = self._all_reduce(local_sizes.to(self.device)).cpu()
         for name, size in zip(self.names, sizes.tolist(), strict=True):
             if size == 0:
@@ -280,8 +335,8 @@ class GroupSparsity:
             torch.float64 if torch.float64 in buckets else torch.float32
         )
         self._impl = select_backend(device, self._backend_request)
-        # One dtype and whole tensors: norms + shrink in the single fused group_prox_ pass.
-        self._fused = len(self._buckets) == 1 and self.process_group is None
+        # One dtype and whole plain tensors: norms + shrink in the single fused group_prox_ pass.
+        self._fused = len(self._buckets) == 1 and not self._reduce_groups and not self._dtensors
         self._layout = (device, self.params[0].dtype)
         self._ids_tuple = tuple(self.group_ids)  # hashable, as the autograd Function keeps it
         self._weights = None
@@ -311,23 +366,46 @@ class GroupSparsity:
 
     def __repr__(self) -> str:
         dtypes = ", ".join(str(b.dtype).removeprefix("torch.") for b in self._buckets)
-        dist = "" if self.process_group is None else ", distributed"
+        dist = ", distributed" if self._reduce_groups else ""
         return (f"GroupSparsity({self.num_groups} groups, {len(self.params)} tensors, "
                 f"{sum(self.sizes)} elements, {dtypes}, backend={self._impl.name!r}{dist})")
 
     # ------------------------------------------------------------------ core ops
     def _all_reduce(self, t: Tensor) -> Tensor:
-        if self.process_group is not None:
+        if self._reduce_groups:
             import torch.distributed as dist
 
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
+            for group in self._reduce_groups:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         return t
+
+    def _local(self, tensors: Sequence[Tensor]) -> Sequence[Tensor]:
+        """The tensors as the kernels take them: a DTensor's local shard (under no_grad the
+        shard itself, written in place by the prox; under autograd a view whose gradient
+        flows back as the DTensor's)."""
+        if not self._dtensors:
+            return tensors
+        dtensor = _dtensor_type()
+        return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
+
+    def _add_to_grads(self, grads: Sequence[Tensor]) -> None:
+        """t.grad += g for every parameter t (local shards g for DTensors); no autograd."""
+        if not self._dtensors:
+            return add_to_grads_(self.params, grads)
+        dtensor = _dtensor_type()
+        for t, g in zip(self.params, grads, strict=True):
+            if t.grad is None:
+                t.grad = dtensor.from_local(g, t.device_mesh, t.placements, run_check=False,
+                                            shape=t.shape, stride=t.stride())
+            else:
+                t.grad.to_local().add_(g)
 
     def _bucket_tensors(self, tensors: Sequence[Tensor], bucket: _Bucket) -> list[Tensor]:
         return [tensors[i] for i in bucket.positions]
 
     def _sq_norms_of(self, tensors: Sequence[Tensor]) -> Tensor:
         """Σ‖θ_i‖² per group over all buckets (and ranks), [G] in the accumulate dtype."""
+        tensors = self._local(tensors)
         total: Tensor | None = None
         for bucket in self._buckets:
             part = self._impl.group_sq_norms(
@@ -339,7 +417,8 @@ class GroupSparsity:
 
     def _scaled(self, tensors: Sequence[Tensor], coeffs: Tensor) -> list[Tensor]:
         """θ_i · c_{g(i)} for every tensor (out of place, each in its own dtype), one
-        ``group_scale`` call per bucket, in the flat order."""
+        ``group_scale`` call per bucket, in the flat order (local shards for DTensors)."""
+        tensors = self._local(tensors)
         out: list[Tensor | None] = [None] * len(tensors)
         for bucket in self._buckets:
             scaled = self._impl.group_scale(
@@ -374,7 +453,7 @@ class GroupSparsity:
             return apply_group_lasso_penalty(
                 self._impl, self.params, self._ids_tuple, self.num_groups, self.weights
             )
-        return _MultiBucketPenaltyFunction.apply(self, self.weights, *self.params)
+        return _MultiBucketPenaltyFunction.apply(self, self.weights, *self._local(self.params))
 
     @torch.compiler.disable  # writes .grad: run eagerly between compiled graphs
     def add_penalty_grad_(self, alpha: float = 1.0) -> Tensor:
@@ -398,7 +477,7 @@ class GroupSparsity:
         with torch.no_grad():
             norms = self._sq_norms_of(self.params).sqrt()
             coeffs = penalty_coeffs(alpha * self.weights, norms)
-            add_to_grads_(self.params, self._scaled(self.params, coeffs))
+            self._add_to_grads(self._scaled(self.params, coeffs))
             return (norms * self.weights).sum()
 
     def thresholds(self, lr: float | Tensor, alpha: float) -> Tensor:
@@ -436,7 +515,7 @@ class GroupSparsity:
             # The formula of reference.group_prox_ (identical bits on the torch backend).
             factor = torch.where(norms > lam, 1 - lam / torch.where(norms > 0, norms, 1), 0)
             for bucket in self._buckets:
-                tensors = self._bucket_tensors(self.params, bucket)
+                tensors = self._local(self._bucket_tensors(self.params, bucket))
                 scaled = self._impl.group_scale(
                     tensors, bucket.group_ids, factor.to(accumulate_dtype(bucket.dtype))
                 )
@@ -772,9 +851,9 @@ class ProxOptimizer(torch.optim.Optimizer):
         pg_ids = [id(p) for p in pg["params"]]
         if len(pg_ids) != len(sp.params) or set(pg_ids) != {id(t) for t in sp.params}:
             return "the inner optimizer's params are not exactly the sparsity's tensors"
-        if len(sp._buckets) != 1 or sp.process_group is not None:
-            return ("the tensors have several dtypes or are sharded over a process group (the "
-                    "group norms need every partial sum before any tensor is shrunk)")
+        if len(sp._buckets) != 1 or sp._reduce_groups or sp._dtensors:
+            return ("the tensors have several dtypes, are DTensors or are sharded over a process "
+                    "group (the group norms need every partial sum before any tensor is shrunk)")
         return None
 
     # Shared with the inner optimizer (properties: its load_state_dict replaces the lists).

@@ -9,6 +9,9 @@ NumPy proximal-gradient (FISTA) group-lasso solver whose solution is verified by
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -787,6 +790,79 @@ def test_distributed_two_ranks_sum_partial_norms():
     assert not any(t.is_alive() for t in threads), "a rank hung in a collective"
     for rank, exc in sorted(errors.items()):
         raise AssertionError(f"rank {rank} failed: {exc!r}") from exc
+
+
+def test_fsdp2_training_matches_one_process(tmp_path):
+    # FSDP2 needs each rank's default process group, so the two ranks are processes (spawned by
+    # the script, ~6 s): a GS-LoRA ViT under fully_shard, penalty in the loss and added to .grad,
+    # AdamW + prox in Adam's metric, against the same training in one process.
+    script = Path(__file__).with_name("fsdp2_ranks.py")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, cwd=script.parent.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "fsdp2 ranks: ok" in proc.stdout
+
+
+def test_dtensors_use_local_shards_and_mesh_groups(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        plain = _params()
+        ref = GroupSparsity(_groups(plain))
+        for placement in (Shard(0), Replicate()):
+            shards = [nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [placement]))
+                      for p in plain]
+            gs = GroupSparsity(_groups(shards))
+            assert gs.backend == ref.backend and gs.sizes == ref.sizes
+            assert ("distributed" in repr(gs)) == (placement == Shard(0))
+            torch.testing.assert_close(gs.norms(), ref.norms(), rtol=1e-14, atol=0)
+            # Penalty gradients arrive as DTensors; add_penalty_grad_ creates DTensor grads.
+            for p in plain:
+                p.grad = None
+            ref.penalty().backward()
+            gs.penalty().backward()
+            for s, p in zip(shards, plain, strict=True):
+                assert isinstance(s.grad, DTensor) and s.grad.placements == (placement,)
+                torch.testing.assert_close(s.grad.full_tensor(), p.grad, rtol=1e-13, atol=1e-16)
+                s.grad = None
+            gs.add_penalty_grad_(0.5)
+            for s, p in zip(shards, plain, strict=True):
+                assert isinstance(s.grad, DTensor)
+                torch.testing.assert_close(s.grad.full_tensor(), 0.5 * p.grad, rtol=1e-13,
+                                           atol=1e-16)
+            gs.add_penalty_grad_(0.5)  # into the existing grads
+            for s, p in zip(shards, plain, strict=True):
+                torch.testing.assert_close(s.grad.full_tensor(), p.grad, rtol=1e-13, atol=1e-16)
+            # Prox in place on the local shards (its own copy of the reference).
+            expected = [p.detach().clone() for p in plain]
+            lam = float(ref.norms()[1])  # group 1 on the threshold: zeroed
+            R.group_prox_(expected, IDS, 4, torch.full((4,), lam, dtype=torch.float64))
+            result = gs.prox_(lam, 1.0)
+            assert result.zero.tolist()[1]
+            for s, e in zip(shards, expected, strict=True):
+                torch.testing.assert_close(s.detach().full_tensor(), e, rtol=1e-13, atol=1e-16)
+        # Tensors that are not all DTensors on one mesh, sharded alike, are refused by name.
+        shards = [nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)]))
+                  for p in plain]
+        with pytest.raises(ValueError, match="either every tensor is a DTensor"):
+            GroupSparsity(_groups(shards[:-1] + [plain[-1]]))
+        with pytest.raises(ValueError, match="process_group must be None for DTensors"):
+            GroupSparsity(_groups(shards), process_group=dist.group.WORLD)
+        mixed = shards[:-1] + [nn.Parameter(distribute_tensor(plain[-1].detach(), mesh,
+                                                              [Replicate()]))]
+        with pytest.raises(ValueError, match="sharded on the same dimensions"):
+            GroupSparsity(_groups(mixed))
+        partial = shards[:-1] + [nn.Parameter(DTensor.from_local(plain[-1].detach(), mesh,
+                                                                 [Partial()]))]
+        with pytest.raises(ValueError, match="Partial placement"):
+            GroupSparsity(_groups(partial))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_prox_optimizer_under_grad_scaler_skips_prox_with_the_step():
