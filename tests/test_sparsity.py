@@ -792,15 +792,15 @@ def test_distributed_two_ranks_sum_partial_norms():
         raise AssertionError(f"rank {rank} failed: {exc!r}") from exc
 
 
-def test_fsdp2_training_matches_one_process(tmp_path):
-    # FSDP2 needs each rank's default process group, so the two ranks are processes (spawned by
-    # the script, ~6 s): a GS-LoRA ViT under fully_shard, penalty in the loss and added to .grad,
-    # AdamW + prox in Adam's metric, against the same training in one process.
-    script = Path(__file__).with_name("fsdp2_ranks.py")
+def test_ddp_and_fsdp2_training_match_one_process(tmp_path):
+    # DDP and FSDP2 need each rank's default process group, so the two ranks are processes
+    # (spawned by the script, ~6 s): a GS-LoRA ViT under DDP and under fully_shard, penalty in
+    # the loss and added to .grad, AdamW + prox in Adam's metric, against one process.
+    script = Path(__file__).with_name("distributed_ranks.py")
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
                           text=True, timeout=300, cwd=script.parent.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "fsdp2 ranks: ok" in proc.stdout
+    assert "distributed ranks: ok" in proc.stdout
 
 
 def test_dtensors_use_local_shards_and_mesh_groups(tmp_path):

@@ -1,9 +1,10 @@
-"""Two CPU ranks (gloo) train a small GS-LoRA ViT under FSDP2's ``fully_shard`` and check it
-against the same model trained in one process (each step's zero groups, the final parameters
-and group norms): the group sparsity works on DTensor shards.
+"""Two CPU ranks (gloo) train a small GS-LoRA ViT under DDP and under FSDP2's ``fully_shard``
+and check both against the same model trained in one process (each step's zero groups, the
+final parameters and group norms, then a merge): GS-LoRA on replicated and on DTensor-sharded
+parameters.
 
-Run by tests/test_sparsity.py::test_fsdp2_training_matches_one_process as
-``python tests/fsdp2_ranks.py STORE_DIR``; exits non-zero on the first mismatch.
+Run by tests/test_sparsity.py::test_ddp_and_fsdp2_training_match_one_process as
+``python tests/distributed_ranks.py STORE_DIR``; exits non-zero on the first mismatch.
 """
 
 from __future__ import annotations
@@ -70,10 +71,21 @@ def make_optimizer(sparsity, alpha):
                                 alpha=alpha, metric="adam")
 
 
+def assert_params_match(model, ref, skip: str | None = None) -> None:
+    """Every parameter of ``model`` (DTensors gathered) equals ``ref``'s of the same name."""
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        if skip is None or skip not in name:
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            torch.testing.assert_close(full.detach(), ref_params[name].detach(), rtol=1e-9,
+                                       atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def check_rank(rank: int, store_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel
 
     import gslora
 
@@ -84,6 +96,7 @@ def check_rank(rank: int, store_dir: str) -> None:
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(8, 1, 8, 8, dtype=torch.float64, generator=gen)
         y = torch.randint(0, 5, (8,), generator=gen)
+        half = slice(rank * 4, rank * 4 + 4)  # each rank's half of the batch
 
         # The reference: one process, the whole batch (every rank runs it).
         ref = build_model()
@@ -92,7 +105,18 @@ def check_rank(rank: int, store_dir: str) -> None:
         # α: block 0 is zeroed from step 1 on, blocks 1 and 2 stay (margins >= 0.19 in norm).
         alpha, beta = 0.25, 1e-3
         ref_zeros = train(ref, ref_sp, make_optimizer(ref_sp, alpha), x, y, beta)
+        assert ref_zeros[1:] == [[True, False, False]] * (STEPS - 1), ref_zeros
 
+        # DDP: whole tensors on every rank, gradients averaged over the two halves; the step is
+        # the fused AdamW + prox, and the penalty is the same on every rank.
+        ddp = DistributedDataParallel(build_model())
+        sp = gslora.GroupSparsity(block_groups(ddp.module))
+        opt = make_optimizer(sp, alpha)
+        assert train(ddp, sp, opt, x[half], y[half], beta) == ref_zeros
+        assert opt.last_step_fused
+        assert_params_match(ddp.module, ref)
+
+        # FSDP2: every parameter a DTensor sharded over the two ranks.
         model = build_model()
         mesh = init_device_mesh("cpu", (WORLD,))
         for block in model.blocks:
@@ -105,26 +129,17 @@ def check_rank(rank: int, store_dir: str) -> None:
         empty = model.blocks[0].mlp.fc1.lora_A.to_local().numel() == 0
         assert empty == (rank == 1), "expected an empty lora_A shard on rank 1"
         torch.testing.assert_close(sp.norms(), ref_norms0, rtol=1e-13, atol=0)
-        # Each rank sees half of the batch; FSDP2 averages the gradients of the two halves.
-        half = slice(rank * 4, rank * 4 + 4)
-        zeros = train(model, sp, make_optimizer(sp, alpha), x[half], y[half], beta)
-
-        assert zeros == ref_zeros, (zeros, ref_zeros)
-        assert ref_zeros[1:] == [[True, False, False]] * (STEPS - 1), ref_zeros
-        ref_params = dict(ref.named_parameters())
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(p.full_tensor(), ref_params[name].detach(), rtol=1e-9,
-                                       atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+        opt = make_optimizer(sp, alpha)
+        assert train(model, sp, opt, x[half], y[half], beta) == ref_zeros
+        assert not opt.last_step_fused  # (AdamW's own step, then the prox)
+        assert_params_match(model, ref)
         torch.testing.assert_close(sp.norms(), ref_sp.norms(), rtol=1e-9, atol=1e-12)
 
         # Merging W <- W + s·B·A into the sharded weights (DTensor ops), as in one process.
         # (The re-initialised A differ: DTensor draws its own random numbers; B = 0 again.)
         for m in (model, ref):
             gslora.merge_gslora(m)
-        for name, p in model.named_parameters():
-            if "lora_A" not in name:
-                torch.testing.assert_close(p.full_tensor(), ref_params[name].detach(),
-                                           rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+        assert_params_match(model, ref, skip="lora_A")
         with torch.no_grad():
             torch.testing.assert_close(model(x[half]), ref(x[half]), rtol=1e-9, atol=1e-12)
     finally:
@@ -149,4 +164,4 @@ def rank_main(rank: int, store_dir: str) -> None:
 
 if __name__ == "__main__":
     mp.spawn(rank_main, args=(sys.argv[1],), nprocs=WORLD)
-    print("fsdp2 ranks: ok")
+    print("distributed ranks: ok")
