@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ._dtensor import copy_whole_, whole
 from .layers import GSLoRALinear
 from .surgery import CONFIG_ATTR, add_gslora, gslora_modules, lora_groups
 
@@ -206,11 +207,11 @@ def _check_and_copy(
     with torch.no_grad():
         for name, (a, b) in lora.items():
             if name in layers:
-                layers[name].lora_A.copy_(a)
-                layers[name].lora_B.copy_(b)
+                copy_whole_(layers[name].lora_A, a)
+                copy_whole_(layers[name].lora_B, b)
         for pname, t in extras.items():
             if pname in targets:
-                targets[pname].copy_(t)
+                copy_whole_(targets[pname], t)
     loaded = [n for n in lora if n in layers] + [n for n in extras if n in targets]
     return {"loaded": loaded, "missing": missing + missing_extra, "unexpected": unexpected}
 
@@ -252,18 +253,19 @@ def _ensure_gslora(
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """``{<module>.lora_A: [r, in], <module>.lora_B: [out, r], <kept trainable param>: ...}``.
 
-    Detached references to the model's own tensors (no copy).
+    Detached references to the model's own tensors (no copy); DTensors (FSDP2) gathered whole,
+    a collective: every rank calls it.
     """
     model = _unwrap(model)
     mods = _require_gslora(model, "adapter_state_dict")
     out: dict[str, Tensor] = {}
     for name, m in mods:
-        out[f"{name}.lora_A"] = m.lora_A.detach()
-        out[f"{name}.lora_B"] = m.lora_B.detach()
+        out[f"{name}.lora_A"] = whole(m.lora_A)
+        out[f"{name}.lora_B"] = whole(m.lora_B)
     params = dict(model.named_parameters())
     for pname in _extra_trainable(model):
         if pname in params:
-            out[pname] = params[pname].detach()
+            out[pname] = whole(params[pname])
     return out
 
 
@@ -299,6 +301,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
 
     ``path`` is a ``.safetensors`` file, or an existing directory (the file is then
     ``<dir>/gslora_adapter.safetensors``). Tensors keep their dtype. Returns the file path.
+    DTensor parameters (FSDP2) are gathered whole: every rank calls it and writes the same file
+    (atomically).
     """
     model = _unwrap(model)
     mods = _require_gslora(model, "save_adapter")
@@ -360,7 +364,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     (with ``strict``, the adapter and the model must have exactly the same GS-LoRA layers and
     kept-trainable tensors), shapes, rank and scaling; on a mismatch :class:`AdapterError`
     lists every problem and the model is unchanged. The copy is exact (bit for bit when the
-    dtypes match). Returns ``{"loaded", "missing", "unexpected"}`` names.
+    dtypes match). Returns ``{"loaded", "missing", "unexpected"}`` names. Into DTensor
+    parameters (FSDP2) each rank copies its own shard of the file's tensors.
     """
     model = _unwrap(model)
     tensors, config = read_adapter(path)
@@ -438,11 +443,11 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, include_trainabl
     modules_to_save = _peft_modules_to_save(model, extra) if extra else []
     tensors: dict[str, Tensor] = {}
     for name, m in mods:
-        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
-        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous()
+        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = whole(m.lora_A).to("cpu").contiguous()
+        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = whole(m.lora_B).to("cpu").contiguous()
     for owner in modules_to_save:
         for k, v in model.get_submodule(owner).state_dict().items():
-            tensors[f"{_PEFT_PREFIX}{owner}.{k}"] = v.detach().to("cpu").contiguous()
+            tensors[f"{_PEFT_PREFIX}{owner}.{k}"] = whole(v).to("cpu").contiguous()
     lora_alpha = int(first.lora_alpha) if float(first.lora_alpha).is_integer() else first.lora_alpha
     config = {
         "peft_type": "LORA",

@@ -47,7 +47,6 @@ an adaptive optimizer (AdamW) it is the usual heuristic with the current learnin
 from __future__ import annotations
 
 import math
-import sys
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -58,6 +57,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import _get_scalar_dtype
 
+from ._dtensor import dtensor_type, is_dtensor
 from .backends import select_backend
 from .functional import (
     add_group_lasso_grad_,
@@ -115,21 +115,14 @@ class _Bucket:
         self.group_ids: list[int] = []
 
 
-def _dtensor_type() -> type | None:
-    """torch's DTensor class once ``torch.distributed.tensor`` has been imported (no tensor can
-    be a DTensor before), without importing it: gslora's import stays torch and numpy."""
-    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-
-
-def _mesh_shard_groups(params: Sequence[Tensor], is_dtensor: Sequence[bool],
+def _mesh_shard_groups(params: Sequence[Tensor], flags: Sequence[bool],
                        process_group: Any) -> list[Any]:
     """The process groups of the device-mesh dimensions on which the DTensors ``params`` are
     sharded (every tensor a DTensor, one mesh, the same sharded dimensions)."""
-    if not all(is_dtensor):
+    if not all(flags):
         raise ValueError(
-            f"tensor {is_dtensor.index(False)} is not a DTensor, but tensor "
-            f"{is_dtensor.index(True)} is: either every tensor is a DTensor (sharded, e.g. by "
-            f"FSDP2's fully_shard) or none"
+            f"tensor {flags.index(False)} is not a DTensor, but tensor {flags.index(True)} is: "
+            f"either every tensor is a DTensor (sharded, e.g. by FSDP2's fully_shard) or none"
         )
     if process_group is not None:
         raise ValueError("process_group must be None for DTensors: the process groups of their "
@@ -256,12 +249,11 @@ class GroupSparsity:
         self.group_ids: list[int] = group_ids
         self.num_groups: int = len(names)
         self.process_group = process_group
-        dtensor = _dtensor_type()
-        is_dtensor = [dtensor is not None and isinstance(t, dtensor) for t in params]
-        self._dtensors = any(is_dtensor)
+        flags = [is_dtensor(t) for t in params]
+        self._dtensors = any(flags)
         # The process groups over which the per-group partial sums are all-reduced, in turn.
         self._reduce_groups: list[Any] = (
-            _mesh_shard_groups(params, is_dtensor, process_group) if self._dtensors
+            _mesh_shard_groups(params, flags, process_group) if self._dtensors
             else [] if process_group is None else [process_group]
         )
         self._backend_request = backend
@@ -385,14 +377,13 @@ class GroupSparsity:
         flows back as the DTensor's)."""
         if not self._dtensors:
             return tensors
-        dtensor = _dtensor_type()
-        return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
+        return [t.to_local() if is_dtensor(t) else t for t in tensors]
 
     def _add_to_grads(self, grads: Sequence[Tensor]) -> None:
         """t.grad += g for every parameter t (local shards g for DTensors); no autograd."""
         if not self._dtensors:
             return add_to_grads_(self.params, grads)
-        dtensor = _dtensor_type()
+        dtensor = dtensor_type()
         for t, g in zip(self.params, grads, strict=True):
             if t.grad is None:
                 t.grad = dtensor.from_local(g, t.device_mesh, t.placements, run_check=False,

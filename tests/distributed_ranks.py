@@ -1,7 +1,7 @@
 """Two CPU ranks (gloo) train a small GS-LoRA ViT under DDP and under FSDP2's ``fully_shard``
 and check both against the same model trained in one process (each step's zero groups, the
-final parameters and group norms, then a merge): GS-LoRA on replicated and on DTensor-sharded
-parameters.
+final parameters and group norms; adapter files saved, exported and loaded; a merge): GS-LoRA on
+replicated and on DTensor-sharded parameters.
 
 Run by tests/test_sparsity.py::test_ddp_and_fsdp2_training_match_one_process as
 ``python tests/distributed_ranks.py STORE_DIR``; exits non-zero on the first mismatch.
@@ -22,7 +22,7 @@ WORLD = 2
 STEPS = 4
 
 
-def build_model() -> torch.nn.Module:
+def build_model(r1: int = 1, r2: int = 3) -> torch.nn.Module:
     from gslora import GSLoRALinear
     from gslora.models import ViT
 
@@ -32,8 +32,8 @@ def build_model() -> torch.nn.Module:
     model.requires_grad_(False)
     for i, block in enumerate(model.blocks):
         # r = 1 on fc1: lora_A [1, 16] is an empty shard on rank 1; r = 3 on fc2: uneven shards.
-        block.mlp.fc1 = GSLoRALinear.from_linear(block.mlp.fc1, r=1)
-        block.mlp.fc2 = GSLoRALinear.from_linear(block.mlp.fc2, r=3)
+        block.mlp.fc1 = GSLoRALinear.from_linear(block.mlp.fc1, r=r1)
+        block.mlp.fc2 = GSLoRALinear.from_linear(block.mlp.fc2, r=r2)
         with torch.no_grad():  # B = 0 at init: give every group a distinct, non-zero norm
             block.mlp.fc1.lora_B.normal_(0.0, 0.1 * (i + 1))
             block.mlp.fc2.lora_B.normal_(0.0, 0.1 * (i + 1))
@@ -82,12 +82,14 @@ def assert_params_match(model, ref, skip: str | None = None) -> None:
 
 
 def check_rank(rank: int, store_dir: str) -> None:
+    from safetensors.torch import load_file
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
 
     import gslora
+    from gslora.adapters import adapter_state_dict, read_adapter
 
     dist.init_process_group("gloo", store=dist.FileStore(os.path.join(store_dir, "store"), WORLD),
                             rank=rank, world_size=WORLD)
@@ -117,11 +119,14 @@ def check_rank(rank: int, store_dir: str) -> None:
         assert_params_match(ddp.module, ref)
 
         # FSDP2: every parameter a DTensor sharded over the two ranks.
-        model = build_model()
         mesh = init_device_mesh("cpu", (WORLD,))
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+
+        def sharded(m):
+            for block in m.blocks:
+                fully_shard(block, mesh=mesh)
+            return fully_shard(m, mesh=mesh)
+
+        model = sharded(build_model())
         sp = gslora.GroupSparsity(block_groups(model))
         assert all(isinstance(p, DTensor) for p in sp.params), "fully_shard made no DTensors"
         assert sp.sizes == ref_sp.sizes, (sp.sizes, ref_sp.sizes)  # global sizes
@@ -134,6 +139,26 @@ def check_rank(rank: int, store_dir: str) -> None:
         assert not opt.last_step_fused  # (AdamW's own step, then the prox)
         assert_params_match(model, ref)
         torch.testing.assert_close(sp.norms(), ref_sp.norms(), rtol=1e-9, atol=1e-12)
+
+        # Adapter files: the shards gathered on save (every rank writes the same file), each
+        # rank's shards taken from the file on load into a freshly sharded model.
+        path = gslora.save_adapter(model, os.path.join(store_dir, "adapter.safetensors"))
+        saved, _ = read_adapter(path)
+        expected = adapter_state_dict(ref)
+        assert saved.keys() == expected.keys(), (sorted(saved), sorted(expected))
+        for key, value in expected.items():
+            torch.testing.assert_close(saved[key], value, rtol=1e-9, atol=1e-12)
+        fresh = sharded(build_model())
+        gslora.load_adapter(fresh, path)
+        assert_params_match(fresh, ref)
+        # PEFT's format takes one rank for all layers: a fresh model with r = 3 throughout.
+        peft = {}
+        for name, m in (("sharded", sharded(build_model(3, 3))), ("whole", build_model(3, 3))):
+            out = gslora.export_peft(m, os.path.join(store_dir, f"peft-{name}{rank}"))
+            peft[name] = load_file(os.path.join(out, "adapter_model.safetensors"))
+        assert peft["sharded"].keys() == peft["whole"].keys()
+        for key, value in peft["whole"].items():
+            assert torch.equal(peft["sharded"][key], value), key
 
         # Merging W <- W + s·B·A into the sharded weights (DTensor ops), as in one process.
         # (The re-initialised A differ: DTensor draws its own random numbers; B = 0 again.)
