@@ -1,5 +1,5 @@
-"""DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) as the group sparsity and the
-adapter files meet them.
+"""DTensor parameters (FSDP2's ``fully_shard``) as the group sparsity and the adapter files meet
+them.
 
 ``torch.distributed.tensor`` is never imported here: a tensor can only be a DTensor once that
 module has been imported, so gslora's own import stays torch and numpy.

@@ -26,7 +26,7 @@ shrinks its shard by the same factor; the penalty gradient w.r.t. a local shard 
 needs no communication. For replicated parameters (plain DDP) pass no process group: every rank
 already holds the whole group.
 
-DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) need no process group: the
+DTensor parameters (FSDP2's ``fully_shard``, or any other sharding) need no process group: the
 kernels run on their local shards, and the partial sums are all-reduced over the device-mesh
 dimensions on which the tensors are sharded (``Shard`` placements; ``Replicate`` dimensions
 already hold the whole tensor). All tensors must then be DTensors on one mesh, sharded on the
