@@ -22,13 +22,18 @@ WORLD = 2
 STEPS = 4
 
 
-def build_model(r1: int = 1, r2: int = 3) -> torch.nn.Module:
-    from gslora import GSLoRALinear
+def base_model() -> torch.nn.Module:
     from gslora.models import ViT
 
     torch.manual_seed(0)
-    model = ViT(img_size=8, patch_size=4, embed_dim=16, depth=3, num_heads=2, mlp_dim=24,
-                num_classes=5).double()
+    return ViT(img_size=8, patch_size=4, embed_dim=16, depth=3, num_heads=2, mlp_dim=24,
+               num_classes=5).double()
+
+
+def build_model(r1: int = 1, r2: int = 3) -> torch.nn.Module:
+    from gslora import GSLoRALinear
+
+    model = base_model()
     model.requires_grad_(False)
     for i, block in enumerate(model.blocks):
         # r = 1 on fc1: lora_A [1, 16] is an empty shard on rank 1; r = 3 on fc2: uneven shards.
@@ -125,6 +130,17 @@ def check_rank(rank: int, store_dir: str) -> None:
             for block in m.blocks:
                 fully_shard(block, mesh=mesh)
             return fully_shard(m, mesh=mesh)
+
+        # The surgery's groups of a sharded model: add_gslora before fully_shard, from_model after.
+        surgery = {}
+        for name in ("whole", "sharded"):
+            m = base_model()
+            gslora.add_gslora(m, r=3)
+            surgery[name] = gslora.GroupSparsity.from_model(sharded(m) if name == "sharded" else m)
+        assert surgery["sharded"].names == surgery["whole"].names, surgery["sharded"].names
+        assert surgery["sharded"].sizes == surgery["whole"].sizes
+        torch.testing.assert_close(surgery["sharded"].norms(), surgery["whole"].norms(),
+                                   rtol=1e-13, atol=0)
 
         model = sharded(build_model())
         sp = gslora.GroupSparsity(block_groups(model))
