@@ -735,7 +735,8 @@ class ProxOptimizer(torch.optim.Optimizer):
 
     Fused step (``fused``). When the inner optimizer is a plain ``torch.optim.AdamW`` over exactly
     the sparsity's tensors (one param group, no amsgrad / maximize) and the tensors share one
-    dtype with no process group, ``step()`` runs AdamW and the prox as one ``adamw_prox_`` call
+    dtype and are whole (no process group, no DTensors), ``step()`` runs AdamW and the prox as one
+    ``adamw_prox_`` call
     (:mod:`gslora.reference` gives its math): per group, one pass updates θ, m and v and sums
     ‖θ_g‖² (and v for the Adam metric), then the group is shrunk while it is in cache — instead of
     AdamW's per-tensor ops followed by the prox's norm pass and scale pass. The optimizer state
