@@ -736,17 +736,16 @@ class ProxOptimizer(torch.optim.Optimizer):
     Fused step (``fused``). When the inner optimizer is a plain ``torch.optim.AdamW`` over exactly
     the sparsity's tensors (one param group, no amsgrad / maximize) and the tensors share one
     dtype and are whole (no process group, no DTensors), ``step()`` runs AdamW and the prox as one
-    ``adamw_prox_`` call
-    (:mod:`gslora.reference` gives its math): per group, one pass updates θ, m and v and sums
-    ‖θ_g‖² (and v for the Adam metric), then the group is shrunk while it is in cache — instead of
-    AdamW's per-tensor ops followed by the prox's norm pass and scale pass. The optimizer state
-    stays AdamW's own (``step``, ``exp_avg``, ``exp_avg_sq`` per tensor), so state dicts and LR
-    schedulers work unchanged, and results equal the unfused path up to rounding. ``fused=None``
-    (default) fuses whenever possible on a backend with a fused kernel (``cpu`` and ``triton``;
-    elsewhere ``adamw_prox_`` is the reference's math op by op, slower than AdamW's own step,
-    foreach on CUDA, followed by the fused prox); ``True`` requires it (ValueError at
-    construction, or RuntimeError at a step where a tensor has no gradient) and runs the
-    reference's math where there is no kernel; ``False`` never fuses.
+    ``adamw_prox_`` call (:mod:`gslora.reference` gives its math): per group, one pass updates θ, m
+    and v and sums ‖θ_g‖² (and v for the Adam metric), then the group is shrunk while it is in
+    cache — instead of AdamW's per-tensor ops followed by the prox's norm pass and scale pass.
+    The optimizer state stays AdamW's own (``step``, ``exp_avg``, ``exp_avg_sq`` per tensor), so
+    state dicts and LR schedulers work unchanged, and results equal the unfused path up to
+    rounding. ``fused=None`` (default) fuses whenever possible on a backend with a fused kernel
+    (``cpu`` and ``triton``; elsewhere ``adamw_prox_`` is the reference's math op by op, slower
+    than AdamW's own step, foreach on CUDA, followed by the fused prox); ``True`` requires it
+    (ValueError at construction, or RuntimeError at a step where a tensor has no gradient) and
+    runs the reference's math where there is no kernel; ``False`` never fuses.
 
     Attributes:
         last_alpha: α used by the last step. last_result: its :class:`ProxResult` (None if the
