@@ -145,7 +145,7 @@ GSLORA_INLINE void scale_impl(const T* in, T* out, int64_t n, acc_t<T> f) {
 // scaled in place by f as scale_impl does (f == 1: q is left as it is), a step of q after each
 // step of p: the rewrite of q (in cache) then runs while the loads of p (from memory) are in
 // flight. (Before, the prox rewrote a whole piece of a group between pieces of the next group's
-// sum; the group bench's runs before and after this change are cited in README.md, “Speed”.)
+// sum; the group bench's runs before and after this change are cited in benchmarks/HISTORY.md.)
 template <typename T>
 GSLORA_INLINE double sum_squares_scale_impl(const T* p, int64_t n, T* q, int64_t nq, acc_t<T> f) {
   constexpr int64_t B = kSumBlockElems<T>;
