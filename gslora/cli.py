@@ -31,9 +31,10 @@ DEFAULTS: dict[str, Any] = {
     "retrain": False,
     "retrain_epochs": 2.0,
     "tasks": {"forget_per_task": 2, "num_tasks": 4, "classes": None},
-    "model": {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 64,
-              "depth": 4, "num_heads": 4, "mlp_dim": 128, "head": "linear", "head_scale": 16.0,
-              "head_margin": 0.2, "drop_rate": 0.0},
+    "model": {"arch": "vit", "checkpoint": None, "img_size": 28, "patch_size": 4, "in_chans": 1,
+              "num_classes": None, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_dim": 128,
+              "head": "linear", "head_scale": 16.0, "head_margin": 0.2, "drop_rate": 0.0,
+              "timm_kwargs": {}},
     "pretrain": {"epochs": 4.0, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.05, "seed": 0},
     "forget": {"r": 8, "lora_alpha": 1.0, "target": "ffn", "group_by": "block",
                "sparsity": "prox", "alpha": 0.15, "warmup": 0.2, "target_zero_groups": None, "prox_metric": "auto",
@@ -97,7 +98,8 @@ def load_config(path: str | Path | None) -> dict[str, Any]:
 
 # Flags: (flag, section, key, type, help). Section None = top level.
 _FORGET_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
-    ("--dataset", None, "dataset", str, "fashion-mnist | digits | synthetic"),
+    ("--dataset", None, "dataset", str,
+     "fashion-mnist | digits | synthetic | imagefolder:ROOT (ROOT/train/CLASS/*, ROOT/test/CLASS/*)"),
     ("--out", None, "out", str, "report directory (resumes if it holds the same run)"),
     ("--methods", None, "methods", "list", "comma list of gslora,lora,full,retrain"),
     ("--retrain-epochs", None, "retrain_epochs", float, "epochs of the retrain-from-scratch baseline"),
@@ -132,6 +134,12 @@ _FORGET_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
     ("--backend", "forget", "backend", str, "kernel backend (torch, cpu, triton, cuda; default auto)"),
     ("--pretrain-epochs", "pretrain", "epochs", float, "pre-training epochs"),
     ("--head", "model", "head", str, "classifier head of the ViT: linear | cosface"),
+    ("--model", "model", "arch", str, "vit (the library's) | timm:NAME (e.g. timm:vit_small_patch16_224)"),
+    ("--checkpoint", "model", "checkpoint", str,
+     "weights of the model to start from (safetensors, a torch state dict or a saved model "
+     "directory); default: pre-train on the dataset and cache"),
+    ("--img-size", "model", "img_size", int, "model input size (image folders are resized to it)"),
+    ("--in-chans", "model", "in_chans", int, "model input channels (1: grayscale, 3: RGB)"),
 ]
 
 
@@ -156,11 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cache-dir", help="pre-trained model cache (default $GSLORA_CACHE or ~/.cache/gslora)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    pre = sub.add_parser("pretrain", help="pre-train (or load cached) the small ViT on all classes")
+    pre = sub.add_parser("pretrain", help="pre-train (or load cached) the model on all classes")
     common(pre)
     pre.add_argument("--dataset")
     pre.add_argument("--pretrain-epochs", type=float)
     pre.add_argument("--head")
+    pre.add_argument("--model")
+    pre.add_argument("--img-size", type=int)
+    pre.add_argument("--in-chans", type=int)
     pre.add_argument("--device")
     pre.add_argument("--force", action="store_true", help="retrain even if cached")
 
@@ -169,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, _section, _key, typ, help_ in _FORGET_FLAGS:
         fg.add_argument(flag, type=str if typ in ("list", "tasks") else typ, help=help_)
     fg.add_argument("--retrain", action="store_true", help="add the retrain-from-scratch baseline")
-    fg.add_argument("--force-pretrain", action="store_true", help="retrain the cached ViT")
+    fg.add_argument("--force-pretrain", action="store_true", help="retrain the cached model")
     fg.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return parser
 
@@ -198,44 +209,81 @@ def _cmd_info() -> int:
     return 0
 
 
-def _pretrained(cfg: dict[str, Any], args: argparse.Namespace, force: bool):
-    from .forgetting import PretrainConfig, pretrained_vit
-    from .models import ViTConfig
+def _load_data(cfg: dict[str, Any]):
+    """(train set, test set, model section with num_classes set): a missing or unreadable
+    dataset, or more labels than ``model.num_classes``, fails before any training."""
+    from .forgetting import dataset_targets, load_dataset
 
-    try:
-        vit = ViTConfig.from_dict(cfg["model"])
-    except ValueError as e:
-        raise CLIError(f"model: {e}") from None
+    model_cfg = dict(cfg["model"])
+    size = model_cfg["img_size"], model_cfg["in_chans"]
+    train_set, test_set = load_dataset(cfg["dataset"], "train", *size), load_dataset(cfg["dataset"], "test", *size)
+    n_data = len(train_set.classes)
+    labels_seen = int(dataset_targets(train_set).max()) + 1
+    if model_cfg["num_classes"] is None:  # the default: as many outputs as the data has classes
+        model_cfg["num_classes"] = n_data
+    elif labels_seen > model_cfg["num_classes"]:
+        raise CLIError(f"dataset {cfg['dataset']!r} has {labels_seen} classes but model.num_classes "
+                       f"is {model_cfg['num_classes']}")
+    return train_set, test_set, model_cfg
+
+
+def _start_model(cfg: dict[str, Any], model_cfg: dict[str, Any], test_set, args: argparse.Namespace,
+                 force: bool):
+    """The model the run starts from: the ``checkpoint`` file's weights, else the cached
+    pre-trained model (trained now on a first run). Returns (model, meta with test_acc)."""
+    from .forgetting import (
+        PretrainConfig,
+        build_model,
+        load_weights,
+        measure_accuracy,
+        pretrained_model,
+    )
+
+    device = cfg["forget"]["device"]
+    if model_cfg["checkpoint"]:
+        model = build_model(model_cfg)
+        load_weights(model, model_cfg["checkpoint"], map_location=device)
+        model.to(device).eval()
+        meta = {"path": str(model_cfg["checkpoint"]), "cached": False,
+                **measure_accuracy(model, test_set, model_cfg["num_classes"], device)}
+        print(f"loaded weights from {model_cfg['checkpoint']} (test accuracy {meta['test_acc']:.2f}%)")
+        return model, meta
     recipe = PretrainConfig.from_dict(cfg["pretrain"])
     cache = Path(args.cache_dir) if args.cache_dir else None
-    return pretrained_vit(cfg["dataset"], vit, recipe, device=cfg["forget"]["device"], cache=cache,
-                          progress=not args.no_progress, force=force)
+    return pretrained_model(cfg["dataset"], model_cfg, recipe, device=device, cache=cache,
+                            progress=not args.no_progress, force=force)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     for attr, section, key in (("dataset", None, "dataset"), ("pretrain_epochs", "pretrain", "epochs"),
-                               ("head", "model", "head"), ("device", "forget", "device")):
+                               ("head", "model", "head"), ("model", "model", "arch"),
+                               ("img_size", "model", "img_size"), ("in_chans", "model", "in_chans"),
+                               ("device", "forget", "device")):
         if getattr(args, attr) is not None:
             (cfg if section is None else cfg[section])[key] = getattr(args, attr)
-    _, meta = _pretrained(cfg, args, args.force)
+    cfg["model"]["checkpoint"] = None  # this command trains; `forget --checkpoint` starts from one
+    _, test_set, model_cfg = _load_data(cfg)
+    _, meta = _start_model(cfg, model_cfg, test_set, args, args.force)
     print(json.dumps({k: meta[k] for k in ("path", "test_acc", "cached") if k in meta}))
     return 0
 
 
 def _cmd_forget(args: argparse.Namespace) -> int:
+    from torch import nn
+
     from .forgetting import (
         METHODS,
         ContinualForgetting,
         ForgetConfig,
         PretrainConfig,
-        load_dataset,
+        build_model,
         make_tasks,
         pretrain,
+        save_model,
         validate_tasks,
     )
     from .forgetting.report import format_table, write_report
-    from .models import ViT, ViTConfig, save_vit
 
     t_start = time.perf_counter()
     cfg = _apply_flags(load_config(args.config), args)
@@ -246,7 +294,9 @@ def _cmd_forget(args: argparse.Namespace) -> int:
     if bad or not methods:
         raise CLIError(f"methods must be a non-empty list of {', '.join(METHODS)}; got {methods}")
     base_cfg = ForgetConfig.from_dict(cfg["forget"])  # validates every forgetting option
-    n_classes = int(cfg["model"]["num_classes"])
+    # Data before the (possibly long) pre-training: a missing dataset fails fast.
+    train_set, test_set, model_cfg = _load_data(cfg)
+    n_classes = int(model_cfg["num_classes"])
     tcfg = cfg["tasks"]
     unknown = sorted(set(tcfg) - set(DEFAULTS["tasks"]))
     if unknown:
@@ -258,23 +308,17 @@ def _cmd_forget(args: argparse.Namespace) -> int:
     else:
         tasks = make_tasks(range(n_classes), int(tcfg["forget_per_task"]), int(tcfg["num_tasks"]),
                            seed=base_cfg.seed)
-    # Data before the (possibly long) pre-training: a missing dataset fails fast.
-    train_set, test_set = load_dataset(cfg["dataset"], "train"), load_dataset(cfg["dataset"], "test")
-    labels_seen = int(train_set.targets.max()) + 1
-    if labels_seen > n_classes:
-        raise CLIError(f"dataset {cfg['dataset']!r} has {labels_seen} classes but model.num_classes "
-                       f"is {n_classes}")
-    model, meta = _pretrained(cfg, args, args.force_pretrain)
+    model, meta = _start_model(cfg, model_cfg, test_set, args, args.force_pretrain)
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     names = list(train_set.classes)
     print(f"tasks (forget sets): {'; '.join(', '.join(names[c] for c in t) for t in tasks)}")
 
-    def retrain_fn(retain: list[int]) -> ViT:
+    def retrain_fn(retain: list[int]) -> nn.Module:
         import torch
 
         torch.manual_seed(base_cfg.seed)
-        fresh = ViT(ViTConfig.from_dict(cfg["model"]))
+        fresh = build_model(model_cfg)
         recipe = PretrainConfig.from_dict({**cfg["pretrain"], "epochs": cfg["retrain_epochs"]})
         pretrain(fresh, train_set, recipe, device=base_cfg.device, classes=retain,
                  progress=not args.no_progress, desc="retrain")
@@ -289,7 +333,7 @@ def _cmd_forget(args: argparse.Namespace) -> int:
                                   progress=not args.no_progress)
         results[method] = run.run()
         if method == "gslora":
-            save_vit(run.model, out / "gslora" / "final_model", extra={"tasks": tasks})
+            save_model(run.model, out / "gslora" / "final_model", model_cfg, extra={"tasks": tasks})
     report_meta = {"dataset": cfg["dataset"], "tasks": tasks, "class_names": names,
                    "pretrained_test_acc": meta.get("test_acc"), "pretrained_path": meta.get("path"),
                    "config": cfg, "wall_s": time.perf_counter() - t_start}
@@ -309,10 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     user_errors: tuple[type[BaseException], ...] = (CLIError, CheckpointError, BackendError)
     try:
-        from .forgetting import DatasetUnavailable, ForgetError
+        from .forgetting import DatasetUnavailable, ForgetError, ModelConfigError
         from .surgery import SurgeryError
 
-        user_errors += (ForgetError, DatasetUnavailable, SurgeryError)
+        user_errors += (ForgetError, DatasetUnavailable, ModelConfigError, SurgeryError)
     except ImportError:  # engine extras missing: their import error is reported below
         pass
     try:

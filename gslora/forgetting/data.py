@@ -7,7 +7,11 @@ Built-in datasets (no network, see DATA.md):
   80/20 with a fixed seed — small enough for tests.
 * ``"synthetic"``: random class-conditional blobs, for unit tests only.
 
-Every built-in dataset is a :class:`TensorImageDataset` (images [N, C, H, W] float32, targets
+Your own images: ``"imagefolder:ROOT"``, torchvision's ``ImageFolder`` layout (one folder of
+images per class) under ``ROOT/train`` and ``ROOT/test`` (or ``ROOT/val``), resized to the
+model's input size and channels.
+
+Every one of these is a :class:`TensorImageDataset` (images [N, C, H, W] float32, targets
 [N] int64 in memory). The engine accepts any ``torch.utils.data.Dataset`` yielding
 ``(image, label)``; in-memory tensor datasets are batched by direct indexing (no DataLoader
 overhead), everything else through a ``DataLoader``.
@@ -30,6 +34,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
     "DatasetUnavailable",
+    "IMAGE_FOLDER",
     "load_dataset",
     "dataset_targets",
     "class_indices",
@@ -43,8 +48,8 @@ FASHION_MNIST_DIR = Path(os.environ.get("GSLORA_FASHION_MNIST_DIR", "/usr/share/
 
 
 class DatasetUnavailable(RuntimeError):
-    """A built-in dataset is unknown, or its files or package are not installed; the message
-    says how to get them."""
+    """A dataset is unknown, or its files (or package) are missing or unreadable; the message
+    says what to install or how to lay the files out."""
 
 
 class TensorImageDataset(TensorDataset):
@@ -105,16 +110,69 @@ def _synthetic(split: str, num_classes: int = 6, per_class: int = 40, size: int 
     return TensorImageDataset(x, y, [f"c{i}" for i in range(num_classes)])
 
 
+IMAGE_FOLDER = "imagefolder:"  # prefix of a dataset name that points at the user's images
+
+
+def _image_folder(root: Path, split: str, img_size: int, in_chans: int) -> TensorImageDataset:
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    layout = "ROOT/train/CLASS/*.png and ROOT/test/CLASS/*.png"
+    folders = [root / "train"] if split == "train" else [root / "test", root / "val"]
+    folder = next((f for f in folders if f.is_dir()), None)
+    if folder is None or not (root / "train").is_dir():
+        missing = "train" if not (root / "train").is_dir() else " or ".join(f.name for f in folders)
+        raise DatasetUnavailable(f"image folder {root} has no {missing}/ subfolder (expected {layout})")
+    mode = {1: "L", 3: "RGB"}.get(in_chans)
+    if mode is None:
+        raise DatasetUnavailable(f"image folders load as 1 (grayscale) or 3 (RGB) channels, not {in_chans}")
+    try:
+        # The classes are train's sorted folder names; a test folder may lack some, not add any.
+        classes, class_to_idx = find_classes(str(root / "train"))
+        extra = sorted(set(find_classes(str(folder))[0]) - set(classes))
+        if extra:
+            raise DatasetUnavailable(f"{folder} has class folders that {root / 'train'} lacks: {extra}")
+        samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS,
+                               allow_empty=split != "train")
+    except (FileNotFoundError, OSError) as e:
+        raise DatasetUnavailable(f"image folder {folder}: {' '.join(str(e).split())}") from None
+    if not samples:
+        raise DatasetUnavailable(f"no images in {folder} (expected {layout})")
+    images = np.empty((len(samples), img_size, img_size, in_chans), np.uint8)
+    for i, (path, _) in enumerate(samples):
+        try:
+            with Image.open(path) as im:
+                im = im.convert(mode).resize((img_size, img_size), Image.BILINEAR)
+                images[i] = np.asarray(im).reshape(img_size, img_size, in_chans)
+        except OSError as e:
+            raise DatasetUnavailable(f"cannot read image {path}: {e}") from None
+    # [0, 255] -> [-1, 1] (mean = std = 0.5 per channel): the same for every split, no statistics
+    # to carry from train to test.
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+    return TensorImageDataset(x, torch.tensor([c for _, c in samples], dtype=torch.long), classes)
+
+
 _LOADERS = {"fashion-mnist": _fashion_mnist, "digits": _digits, "synthetic": _synthetic}
 
 
-def load_dataset(name: str, split: str) -> TensorImageDataset:
-    """A built-in dataset: ``name`` in {"fashion-mnist", "digits", "synthetic"}, ``split`` in
-    {"train", "test"}. Raises :class:`DatasetUnavailable` if its files are not installed."""
-    if name not in _LOADERS:
-        raise DatasetUnavailable(f"unknown dataset {name!r}; choose one of {', '.join(_LOADERS)}")
+def load_dataset(name: str, split: str, img_size: int | None = None,
+                 in_chans: int | None = None) -> TensorImageDataset:
+    """``split`` ("train" or "test") of a built-in dataset (``name`` in {"fashion-mnist",
+    "digits", "synthetic"}), or of your images: ``name = "imagefolder:ROOT"`` with
+    ``ROOT/train/CLASS/*`` and ``ROOT/test/CLASS/*`` (or ``ROOT/val``), every image resized to
+    ``img_size`` × ``img_size`` with ``in_chans`` channels (1 or 3; both required for image
+    folders, unused otherwise) and scaled to [-1, 1]; classes are the sorted folder names.
+    The images are held in memory (N·C·H·W floats). Raises :class:`DatasetUnavailable` if the
+    files are missing or unreadable."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if name.startswith(IMAGE_FOLDER):
+        if img_size is None or in_chans is None:
+            raise ValueError("an image folder needs img_size and in_chans (the model's input)")
+        return _image_folder(Path(name[len(IMAGE_FOLDER):]).expanduser(), split, img_size, in_chans)
+    if name not in _LOADERS:
+        raise DatasetUnavailable(f"unknown dataset {name!r}; choose one of {', '.join(_LOADERS)} "
+                                 f"or {IMAGE_FOLDER}ROOT")
     return _LOADERS[name](split)
 
 

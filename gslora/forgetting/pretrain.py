@@ -1,6 +1,6 @@
-"""Pre-training the library's own ViT (the "pre-trained model" the forgetting starts from),
-and a cache of pre-trained checkpoints (safetensors + JSON) keyed by dataset, architecture and
-recipe, under ``$GSLORA_CACHE`` or ``~/.cache/gslora``.
+"""Pre-training the model the forgetting starts from (the library's ViT or a timm architecture,
+:mod:`gslora.forgetting.base_model`), and a cache of pre-trained checkpoints (safetensors +
+JSON) keyed by dataset, architecture and recipe, under ``$GSLORA_CACHE`` or ``~/.cache/gslora``.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -20,11 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..models.vit import CheckpointError, ViT, ViTConfig, load_vit, save_vit
+from ..models.vit import CheckpointError, ViT, ViTConfig
+from .base_model import build_model, load_model, save_model, vit_config
 from .data import class_indices, dataset_targets, fetch, load_dataset
 from .engine import ForgetError, evaluate_per_class
 
-__all__ = ["PretrainConfig", "pretrain", "cache_dir", "pretrained_vit"]
+__all__ = ["PretrainConfig", "pretrain", "cache_dir", "pretrained_model", "pretrained_vit",
+           "measure_accuracy"]
 
 
 @dataclass
@@ -106,40 +109,67 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GSLORA_CACHE") or Path.home() / ".cache" / "gslora")
 
 
-def _key(dataset: str, vit: ViTConfig, recipe: PretrainConfig) -> str:
-    blob = json.dumps({"dataset": dataset, "vit": vit.to_dict(), "recipe": asdict(recipe)},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+def _slug(text: str) -> str:
+    # A dataset or architecture name as part of a directory name ("imagefolder:/data/x" has '/').
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
-def pretrained_vit(dataset: str, vit: ViTConfig, recipe: PretrainConfig, device: str = "cpu",
-                   cache: Path | None = None, progress: bool = True, force: bool = False,
-                   log: Callable[[str], None] = print) -> tuple[ViT, dict[str, Any]]:
-    """The cached pre-trained ViT for (dataset, architecture, recipe), training it if needed.
+def pretrained_model(dataset: str, model_cfg: dict[str, Any], recipe: PretrainConfig,
+                     device: str = "cpu", cache: Path | None = None, progress: bool = True,
+                     force: bool = False, log: Callable[[str], None] = print
+                     ) -> tuple[nn.Module, dict[str, Any]]:
+    """The cached pre-trained model for (dataset, model section, recipe), training it if needed
+    (all classes of ``dataset``; the section's ``num_classes`` must be set; see
+    :mod:`gslora.forgetting.base_model` for the section).
 
     Returns (model in eval mode, meta) where meta holds ``test_acc`` (percent), the per-class
     accuracies, the training time and the checkpoint directory. A corrupt cache entry is an
     error naming it (remove it, or pass ``force=True`` to retrain).
     """
-    path = (cache or cache_dir()) / "pretrained" / f"vit-{dataset}-{_key(dataset, vit, recipe)}"
+    arch = model_cfg.get("arch", "vit")
+    if arch == "vit":  # the key of the caches written before other architectures came
+        vit = vit_config(model_cfg)
+        blob = {"dataset": dataset, "vit": vit.to_dict(), "recipe": asdict(recipe)}
+    else:
+        blob = {"dataset": dataset, "model": model_cfg, "recipe": asdict(recipe)}
+    key = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+    path = (cache or cache_dir()) / "pretrained" / f"{_slug(arch)}-{_slug(dataset)}-{key}"
+    what = "ViT" if arch == "vit" else arch
     if path.exists() and not force:
         try:
-            model, meta = load_vit(path, map_location=device, expect=vit)
+            model, meta = load_model(path, model_cfg, map_location=device)
         except CheckpointError as e:
             raise ForgetError(f"{e} (remove {path} or use --force-pretrain)") from None
-        log(f"loaded pre-trained ViT from {path} (test accuracy {meta.get('test_acc', float('nan')):.2f}%)")
+        log(f"loaded pre-trained {what} from {path} (test accuracy {meta.get('test_acc', float('nan')):.2f}%)")
         return model, {**meta, "path": str(path), "cached": True}
-    train_set, test_set = load_dataset(dataset, "train"), load_dataset(dataset, "test")
+    size = model_cfg.get("img_size"), model_cfg.get("in_chans")
+    train_set, test_set = load_dataset(dataset, "train", *size), load_dataset(dataset, "test", *size)
     torch.manual_seed(recipe.seed)
-    model = ViT(vit)
-    log(f"pre-training a {sum(p.numel() for p in model.parameters()):,}-parameter ViT on {dataset} "
+    model = build_model(model_cfg)
+    log(f"pre-training a {sum(p.numel() for p in model.parameters()):,}-parameter {what} on {dataset} "
         f"({recipe.epochs:g} epochs)")
     timing = pretrain(model, train_set, recipe, device=device, progress=progress)
-    correct, count = evaluate_per_class(model, test_set, vit.num_classes, device)
-    meta = {"dataset": dataset, "test_acc": 100.0 * float(correct.sum()) / float(count.sum()),
-            "per_class_acc": (100.0 * correct / count.clamp(min=1)).tolist(),
+    meta = {"dataset": dataset, **measure_accuracy(model, test_set, model_cfg["num_classes"], device),
             "recipe": asdict(recipe), **timing}
-    save_vit(model, path, extra=meta)
+    save_model(model, path, model_cfg, extra=meta)
     log(f"pre-trained in {timing['train_s']:.0f} s: test accuracy {meta['test_acc']:.2f}% "
         f"(cached in {path})")
     return model.eval(), {**meta, "path": str(path), "cached": False}
+
+
+def measure_accuracy(model: nn.Module, test_set: Dataset, num_classes: int,
+                  device: str = "cpu") -> dict[str, Any]:
+    """``test_acc`` (percent over all samples) and ``per_class_acc`` (percent per class)."""
+    correct, count = evaluate_per_class(model, test_set, num_classes, device)
+    return {"test_acc": 100.0 * float(correct.sum()) / float(count.sum()),
+            "per_class_acc": (100.0 * correct / count.clamp(min=1)).tolist()}
+
+
+def pretrained_vit(dataset: str, vit: ViTConfig, recipe: PretrainConfig, device: str = "cpu",
+                   cache: Path | None = None, progress: bool = True, force: bool = False,
+                   log: Callable[[str], None] = print) -> tuple[ViT, dict[str, Any]]:
+    """:func:`pretrained_model` for the library's ViT with architecture ``vit``."""
+    model, meta = pretrained_model(dataset, {"arch": "vit", **vit.to_dict()}, recipe, device=device,
+                                   cache=cache, progress=progress, force=force, log=log)
+    assert isinstance(model, ViT)
+    return model, meta
