@@ -976,3 +976,59 @@ def test_adam_metric_rejects_optimizers_without_second_moments():
     p.sum().backward()
     with pytest.raises(ValueError, match="exp_avg_sq.*Adamax"):
         opt.step()
+
+
+def test_prox_optimizer_drives_a_hugging_face_trainer(tmp_path):
+    """ProxOptimizer dropped into transformers' Trainer (``optimizers=(opt, None)``; Accelerate
+    wraps it) trains a GS-LoRA ViT as the plain loop does: the same parameters, the same zero
+    groups."""
+    transformers = pytest.importorskip("transformers")  # installed with peft (requirements-dev)
+    from torch.utils.data import Dataset
+
+    import gslora
+
+    class Images(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 4}
+
+    def setup(alpha):
+        torch.manual_seed(0)
+        cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                     intermediate_size=64, image_size=16, patch_size=4,
+                                     num_channels=3, num_labels=4)
+        model = transformers.ViTForImageClassification(cfg)
+        sparsity = gslora.GroupSparsity(gslora.add_gslora(model, r=4, group_by="block"))
+        for p, g in zip(sparsity.params, sparsity.group_ids, strict=True):  # B ≠ 0; block 1 big
+            torch.nn.init.normal_(p, std=(0.002, 0.5, 0.002)[g])
+        opt = gslora.ProxOptimizer(torch.optim.AdamW(sparsity.params, lr=1e-2), sparsity,
+                                   alpha=alpha)
+        return model, sparsity, opt
+
+    steps, alpha = 8, 40.0
+    model, sparsity, opt = setup(alpha)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8, use_cpu=True,
+        report_to=[], save_strategy="no", lr_scheduler_type="constant", max_grad_norm=0.0,
+        disable_tqdm=True)
+    transformers.Trainer(model=model, args=args, train_dataset=Images(),
+                         optimizers=(opt, None)).train()
+
+    ref_model, ref_sparsity, ref_opt = setup(alpha)
+    batch = [Images()[i] for i in range(8)]
+    x = torch.stack([b["pixel_values"] for b in batch])
+    y = torch.tensor([b["labels"] for b in batch])
+    ref_model.train()
+    for _ in range(steps):
+        ref_model(pixel_values=x, labels=y).loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    norms, ref_norms = sparsity.norms(), ref_sparsity.norms()
+    assert (norms == 0).tolist() == (ref_norms == 0).tolist()
+    assert 0 < int((norms == 0).sum()) < len(norms), norms  # some blocks dropped, some kept
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-4, atol=1e-6)
+    for p, q in zip(sparsity.params, ref_sparsity.params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
