@@ -296,6 +296,7 @@ def _cmd_forget(args: argparse.Namespace) -> int:
     base_cfg = ForgetConfig.from_dict(cfg["forget"])  # validates every forgetting option
     # Data before the (possibly long) pre-training: a missing dataset fails fast.
     train_set, test_set, model_cfg = _load_data(cfg)
+    cfg["model"] = model_cfg  # the report's config names the class count the model has
     n_classes = int(model_cfg["num_classes"])
     tcfg = cfg["tasks"]
     unknown = sorted(set(tcfg) - set(DEFAULTS["tasks"]))
