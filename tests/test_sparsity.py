@@ -982,7 +982,7 @@ def test_prox_optimizer_drives_a_hugging_face_trainer(tmp_path):
     """ProxOptimizer dropped into transformers' Trainer (``optimizers=(opt, None)``; Accelerate
     wraps it) trains a GS-LoRA ViT as the plain loop does: the same parameters, the same zero
     groups."""
-    transformers = pytest.importorskip("transformers")  # installed with peft (requirements-dev)
+    import transformers  # installed with peft (requirements-dev)
     from torch.utils.data import Dataset
 
     import gslora

@@ -63,7 +63,8 @@ def build_model(model_cfg: dict[str, Any]) -> nn.Module:
                                  drop_rate=model_cfg["drop_rate"], **kwargs)
     except (RuntimeError, TypeError, ValueError, AssertionError) as e:
         raise ModelConfigError(f"timm cannot build {name!r} with num_classes, img_size, in_chans, "
-                         f"drop_rate and timm_kwargs {kwargs}: {' '.join(str(e).split())}") from None
+                               f"drop_rate and timm_kwargs {kwargs}: {' '.join(str(e).split())}"
+                               ) from None
 
 
 def _read_state(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
