@@ -184,6 +184,9 @@ def test_image_folder_loads_resized_scaled_and_labelled_by_train_folders(tmp_pat
     (root / "val" / "digit7").mkdir()
     with pytest.raises(DatasetUnavailable, match="lacks: .'digit7'"):
         load_dataset(f"imagefolder:{root}", "test", img_size=12, in_chans=1)
+    (root / "train" / "digit2" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(DatasetUnavailable, match="cannot read image .*broken.png"):
+        load_dataset(f"imagefolder:{root}", "train", img_size=12, in_chans=1)
     with pytest.raises(DatasetUnavailable, match="no train/ subfolder"):
         load_dataset(f"imagefolder:{tmp_path / 'nowhere'}", "train", img_size=12, in_chans=1)
 
