@@ -57,6 +57,11 @@ from typing import Any
 
 import torch
 
+try:  # POSIX only: the page-fault counts of CPU timings
+    import resource
+except ImportError:
+    resource = None  # type: ignore[assignment]
+
 __all__ = [
     "RESULTS_DIR",
     "PEAK_MEMORY_METHOD",
@@ -101,6 +106,10 @@ class Measurement:
 
     provider: str
     times_s: list[float] = field(default_factory=list)
+    #: Minor page faults per call, one count per sample (CPU runs on POSIX; else empty): a call
+    #: that gets fresh pages from the kernel (glibc maps big blocks afresh, or regrows a trimmed
+    #: heap) pays a fault and the zeroing of each page, a cost of the allocator's state.
+    page_faults: list[float] = field(default_factory=list)
     first_call_s: float | None = None
     peak_bytes: int | None = None
     inner: int = 1
@@ -140,6 +149,8 @@ class Measurement:
             "p80_s": self.p80_s,
             "reps": len(self.times_s),
             "times_s": list(self.times_s),
+            "page_faults_median": (statistics.median(self.page_faults)
+                                   if self.page_faults else None),
             "inner": self.inner,
             "first_call_s": self.first_call_s,
             "peak_bytes": self.peak_bytes,
@@ -228,10 +239,19 @@ def measure_peak_bytes(call: Callable[[], Any], device: torch.device | str) -> i
     return int(peak)
 
 
-def _time_once(case: Case, device: torch.device, inner: int) -> float:
-    """Seconds per call of ``case.fn`` (averaged over ``inner`` back-to-back calls)."""
+def _minor_faults() -> int | None:
+    """This process's minor page faults so far (None where ``resource`` is missing)."""
+    if resource is None:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _time_once(case: Case, device: torch.device, inner: int) -> tuple[float, float | None]:
+    """Seconds per call of ``case.fn`` and, on the CPU, minor page faults per call (averaged
+    over ``inner`` back-to-back calls)."""
     state = case.setup() if case.setup is not None else None
     _sync(device)
+    faults = None
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -241,12 +261,15 @@ def _time_once(case: Case, device: torch.device, inner: int) -> float:
         end.synchronize()
         elapsed = start.elapsed_time(end) / 1e3
     else:
+        f0 = _minor_faults()
         t0 = time.perf_counter()
         for _ in range(inner):
             out = case.fn(state)
         elapsed = time.perf_counter() - t0
+        f1 = _minor_faults()
+        faults = (f1 - f0) / inner if f0 is not None and f1 is not None else None
     del out, state
-    return elapsed / inner
+    return elapsed / inner, faults
 
 
 def compare(
@@ -278,6 +301,7 @@ def compare(
     def fail(name: str, exc: BaseException) -> None:
         results[name].error = _error_text(exc)
         results[name].times_s.clear()
+        results[name].page_faults.clear()
         if verbose:
             print(f"  [{name}] failed: {results[name].error}", file=sys.stderr)
             traceback.print_exception(exc, limit=-3, file=sys.stderr)
@@ -288,7 +312,7 @@ def compare(
             t0 = time.perf_counter()
             _time_once(case, device, 1)
             results[name].first_call_s = time.perf_counter() - t0
-            est = [_time_once(case, device, 1) for _ in range(warmup - 1)]
+            est = [_time_once(case, device, 1)[0] for _ in range(warmup - 1)]
             estimates[name] = min(est) if est else results[name].first_call_s
         except Exception as exc:  # a failing provider is reported, not fatal
             fail(name, exc)
@@ -310,7 +334,10 @@ def compare(
                     if results[name].error is not None:
                         continue
                     try:
-                        results[name].times_s.append(_time_once(norm[name], device, results[name].inner))
+                        secs, faults = _time_once(norm[name], device, results[name].inner)
+                        results[name].times_s.append(secs)
+                        if faults is not None:
+                            results[name].page_faults.append(faults)
                     except Exception as exc:
                         fail(name, exc)
         finally:
@@ -608,6 +635,11 @@ def fmt_mib(nbytes: int | None) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**20:.2f}"
 
 
+def fmt_faults(per_call: Sequence[float]) -> str:
+    """The median of the minor page faults per call ("-" where none were counted)."""
+    return "-" if not per_call else f"{statistics.median(per_call):.0f}"
+
+
 class BenchRun:
     """Collects one script invocation's records, prints the table as it goes, writes the file.
 
@@ -615,8 +647,9 @@ class BenchRun:
     is a ``type: "meta"`` record with :func:`machine_info` and the command line.
     """
 
-    HEADERS = ("case", "phase", "provider", "median ms", "p20 ms", "p80 ms", "ratio", "peak MiB", "reps")
-    WIDTHS = (28, 11, 16, 9, 9, 9, 7, 8, 4)
+    HEADERS = ("case", "phase", "provider", "median ms", "p20 ms", "p80 ms", "ratio", "peak MiB",
+               "faults", "reps")
+    WIDTHS = (28, 11, 16, 9, 9, 9, 7, 8, 6, 4)
 
     def __init__(self, bench: str, args: argparse.Namespace, dtype: torch.dtype = torch.float32,
                  argv: Sequence[str] | None = None) -> None:
@@ -684,6 +717,7 @@ class BenchRun:
             new.append(rec)
             rows.append((case_label, phase, name, fmt_ms(m.median_s), fmt_ms(m.p20_s), fmt_ms(m.p80_s),
                          "-" if ratio is None else f"{ratio:.2f}x", fmt_mib(m.peak_bytes),
+                         fmt_faults(m.page_faults),
                          len(m.times_s) if m.ok else f"FAILED: {m.error}"))
         self.records.extend(new)
         table = format_table(self.HEADERS, rows, self.WIDTHS)

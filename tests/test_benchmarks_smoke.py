@@ -125,6 +125,29 @@ def test_keep_freed_memory_keeps_a_freed_block_in_the_process():
     assert run("default")[1] < 32
 
 
+def test_compare_counts_the_page_faults_of_each_call():
+    # In a subprocess, under glibc's default (another test may set keep_freed_memory in this
+    # one): a 64 MiB block, above glibc's 32 MiB mmap ceiling, is mapped afresh on every call, so
+    # each call faults on every page it writes; filling a block made once faults on none.
+    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); import torch; "
+            "from benchmarks.harness import Case, compare; "
+            "buf = torch.zeros(16 * 2**20); "
+            "res = compare({'fresh': Case(lambda _: torch.ones(16 * 2**20)), "
+            "'reuse': Case(lambda _: buf.fill_(1.0))}, 'cpu', warmup=1, min_reps=3, max_reps=3, "
+            "target_s=1e-6, min_sample_s=0.0, memory=False, verbose=False); "
+            "print(os.sysconf('SC_PAGE_SIZE'), len(res['fresh'].page_faults), "
+            "res['fresh'].record()['page_faults_median'], res['reuse'].record()['page_faults_median'])")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    page, samples, fresh, reuse = int(out[0]), int(out[1]), float(out[2]), float(out[3])
+    assert samples == 3
+    # At least one fault per 2 MiB (a kernel with transparent huge pages "always" maps the block
+    # in 2 MiB pages; with 4 KiB pages it is one per page).
+    assert fresh >= 0.9 * 64 * MIB // max(page, 2 * MIB)
+    assert reuse < fresh / 10
+    assert harness.fmt_faults([]) == "-" and harness.fmt_faults([3.0, 1.0, 2.0]) == "2"
+
+
 def test_run_all_passes_its_options_to_every_script(tmp_path, monkeypatch):
     from benchmarks import run_all
 
