@@ -2,7 +2,8 @@
 //
 // The training hot path (measured on an AMD EPYC with MKL, and on an Intel Xeon):
 //   forward : xa = d(x) A^T; y = b + x W_eff^T with W_eff = W + s B A when M r > 64 K (fp32 and
-//             fp64 without dropout), else y = b + xa (s B)^T (written once) and then y += x W^T
+//             fp64 without dropout; the SIMD kernels on a CPU with AVX-512 also need r > 32),
+//             else y = b + xa (s B)^T (written once) and then y += x W^T
 //             inside the big GEMM (beta = 1: y is read in its microkernel; fp32 with few rows
 //             runs it in the team, each thread on its block of y's columns: team_gemm). For
 //             fp32 and the 16-bit dtypes the rank-r products are explicit SIMD kernels
@@ -438,6 +439,21 @@ constexpr int64_t kMergeWork = 64;
 
 bool merge_forward(int64_t M, int64_t K, int64_t r) { return M * r > kMergeWork * K; }
 
+// The SIMD forward's rule. Unmerged, its adapter kernel writes y = b + xa (s B)^T in place of the
+// bias copy that the merged forward (like the frozen layer) makes before the GEMM, so the adapter
+// term costs only what its r multiply-adds per element of y add to that write. With AVX-512's
+// 16-lane FMAs they keep pace with the write up to r = 32: paired timings of the layer on an Intel
+// Xeon (MKL, 2 threads, glibc keeping freed memory so that no call took page faults) had the
+// unmerged forward faster than the merge at M = 2048-8192, K = 384 and 768, r = 8, 16 and 32,
+// fwd+bwd too, and slower at r = 64 (and at K = 384, r = 48). Where the CPU has AVX-512 the merge
+// therefore waits for r > 32. The rule follows the CPU, not the selected kernels, so that the
+// avx2 and avx512 kernels still give the same bits on one machine.
+constexpr int64_t kMaxUnmergedRankAvx512 = 32;
+
+bool merge_forward_simd(int64_t M, int64_t K, int64_t r) {
+  return merge_forward(M, K, r) && (best_level() < 2 || r > kMaxUnmergedRankAvx512);
+}
+
 // out [N, r] = s * sum over threads of the partial sums part [T, N, RP] (columns r.. of the
 // padding dropped): dB = s g^T xa from its partials (the path without AVX2 and fp64).
 template <typename T>
@@ -647,7 +663,7 @@ bool fwd_simd_at_level(const at::Tensor& x, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                        const at::Tensor& lora_B, double scaling, const bool* mask,
                        double keep_scale, std::tuple<at::Tensor, at::Tensor>& out) {
-  const bool merge = merge_forward(x.size(0), x.size(1), lora_A.size(0));
+  const bool merge = merge_forward_simd(x.size(0), x.size(1), lora_A.size(0));
   switch (selected_level().load()) {
     case 2:
       out = fwd_simd<avx512::Kernels, T>(x, weight, bias, lora_A, lora_B, scaling, mask,

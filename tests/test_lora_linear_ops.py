@@ -142,15 +142,17 @@ def cpu_kernels(request):
 
 # The SIMD paths split rows, A^T / s B^T columns and the partial sums' reduction over the threads
 # of one region: rows crossing 256-row sum blocks and 64-row dA blocks, ranks with 32-, 16- and
-# 8-column passes and padding (13, 24, 40), K and N tails of the 16- and 8-lane vectors, a merged
-# forward (fp32, M r > 64 K; W_eff's rows in blocks of 6 and one by one, its columns in 32-, 16-
-# and 8-wide vectors and the scalar tail: K = 37 and 25), M below two 32-row blocks (one thread),
+# 8-column passes and padding (13, 24, 40), K and N tails of the 16- and 8-lane vectors, merged
+# forwards (fp32, M r > 64 K and, where the CPU has AVX-512, r > 32: r = 33 and 36 merge on every
+# CPU, r = 13, 16, 32 and 9 only on one without; W_eff's rows in blocks of 6 and one by one, its
+# columns in 32-, 16- and 8-wide vectors and the scalar tail: K = 37 and 25), the same shapes
+# unmerged where the CPU has AVX-512, M below two 32-row blocks (one thread),
 # a team with an odd row split, and the forward's GEMM in the team (fp32, 64 <= M <= 384 at two
 # threads, M N K >= 2^24) on 32-column blocks, with a partial last block (N = 1537) and a thread
 # without one (N = 17).
 SIMD_PATH_SHAPES = [(600, 37, 45, 13), (1100, 64, 48, 16), (70, 31, 17, 24), (63, 24, 40, 5),
                     (33, 40, 24, 8), (257, 385, 1537, 9), (90, 57, 83, 40), (300, 48, 40, 32),
-                    (384, 2600, 17, 8), (200, 25, 70, 9)]
+                    (384, 2600, 17, 8), (200, 25, 70, 9), (600, 37, 45, 33), (200, 25, 70, 36)]
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
