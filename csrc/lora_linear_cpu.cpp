@@ -439,22 +439,6 @@ constexpr int64_t kMergeWork = 64;
 
 bool merge_forward(int64_t M, int64_t K, int64_t r) { return M * r > kMergeWork * K; }
 
-// The SIMD forward's rule. Unmerged, its adapter kernel writes y = b + xa (s B)^T in place of the
-// bias copy that the merged forward (like the frozen layer) makes before the GEMM, so the adapter
-// term costs only what its r multiply-adds per element of y add to that write. With AVX-512's
-// 16-lane FMAs they keep pace with the write up to r = 32: paired timings of the layer on an Intel
-// Xeon (MKL, 2 threads, glibc keeping freed memory so that no call took page faults) had the
-// unmerged forward faster than the merge at K = 384 (M = 2048-8192, r = 8, 16 and 32) and at
-// K = 768 (M = 4096, r = 16 and 32), fwd+bwd too, and slower at K = 384 with r = 48 and 64 (even
-// at K = 768, r = 48). Where the CPU has AVX-512 the merge therefore waits for r > 32. The rule
-// follows the CPU, not the selected kernels, so that the avx2 and avx512 kernels still give the
-// same bits on one machine.
-constexpr int64_t kMaxUnmergedRankAvx512 = 32;
-
-bool merge_forward_simd(int64_t M, int64_t K, int64_t r) {
-  return merge_forward(M, K, r) && (best_level() < 2 || r > kMaxUnmergedRankAvx512);
-}
-
 // out [N, r] = s * sum over threads of the partial sums part [T, N, RP] (columns r.. of the
 // padding dropped): dB = s g^T xa from its partials (the path without AVX2 and fp64).
 template <typename T>
@@ -513,6 +497,22 @@ void gemm_columns(const float* x, const float* w, float* y, int64_t M, int64_t N
 }
 
 #ifdef GSLORA_HAVE_SIMD_PATH
+// The SIMD forward's rule. Unmerged, its adapter kernel writes y = b + xa (s B)^T in place of the
+// bias copy that the merged forward (like the frozen layer) makes before the GEMM, so the adapter
+// term costs only what its r multiply-adds per element of y add to that write. With AVX-512's
+// 16-lane FMAs they keep pace with the write up to r = 32: paired timings of the layer on an Intel
+// Xeon (MKL, 2 threads, glibc keeping freed memory so that no call took page faults) had the
+// unmerged forward faster than the merge at K = 384 (M = 2048-8192, r = 8, 16 and 32) and at
+// K = 768 (M = 4096, r = 16 and 32), fwd+bwd too, and slower at K = 384 with r = 48 and 64 (even
+// at K = 768, r = 48). Where the CPU has AVX-512 the merge therefore waits for r > 32. The rule
+// follows the CPU, not the selected kernels, so that the avx2 and avx512 kernels still give the
+// same bits on one machine.
+constexpr int64_t kMaxUnmergedRankAvx512 = 32;
+
+bool merge_forward_simd(int64_t M, int64_t K, int64_t r) {
+  return merge_forward(M, K, r) && (best_level() < 2 || r > kMaxUnmergedRankAvx512);
+}
+
 // Forward with the SIMD kernels Kern (avx2:: or avx512::Kernels) for T = float, bf16 or fp16, xa
 // and (without a merge) the adapter term in one parallel region: each thread writes its part of
 // A^T [K, RP] (zero-padded) and, without a merge, of s B^T [r, N]; after a barrier, for its rows,
