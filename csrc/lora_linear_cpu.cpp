@@ -503,10 +503,10 @@ void gemm_columns(const float* x, const float* w, float* y, int64_t M, int64_t N
 // 16-lane FMAs they keep pace with the write up to r = 32: paired timings of the layer on an Intel
 // Xeon (MKL, 2 threads, glibc keeping freed memory so that no call took page faults) had the
 // unmerged forward faster than the merge at K = 384 (M = 2048-8192, r = 8, 16 and 32) and at
-// K = 768 (M = 4096, r = 16 and 32), fwd+bwd too, and slower at K = 384 with r = 48 and 64 (even
-// at K = 768, r = 48). Where the CPU has AVX-512 the merge therefore waits for r > 32. The rule
-// follows the CPU, not the selected kernels, so that the avx2 and avx512 kernels still give the
-// same bits on one machine.
+// K = 768 (M = 4096, r = 16 and 32), fwd+bwd too at M = 4096, and slower at K = 384 with r = 48
+// and 64 (even at K = 768, r = 48). Where the CPU has AVX-512 the merge therefore waits for
+// r > 32. The rule follows the CPU, not the selected kernels, so that the avx2 and avx512 kernels
+// still give the same bits on one machine.
 constexpr int64_t kMaxUnmergedRankAvx512 = 32;
 
 bool merge_forward_simd(int64_t M, int64_t K, int64_t r) {
